@@ -1,0 +1,1 @@
+"""The node library (installed as ``rlflow.nodes``): one module per node kind."""

@@ -1,0 +1,450 @@
+"""Advantage: every estimator as a pure torch function, ALGORITHMS.md §1–§8.
+
+Tensors in, tensors out: no model, no Batch. Shapes: ``B`` rows (one per response),
+``T`` response tokens, right-padded. ``mask`` is 1 on response tokens (EOS included) and
+0 on padding (§0.1); the sequence score ``R_i`` sits on the last valid token ``T_i``.
+
+Every variant has the signature ``fn(x: AdvantageInputs, *, <params>) -> AdvantageResult``
+and is registered in :data:`ADVANTAGES` as an :class:`AdvantageVariant` that declares the
+optional inputs it needs and whether it needs several samples per prompt. Every variant
+takes ``kl_coef`` (KL in the reward, §0.3 placement 1; the per-token estimate ``x.kl`` is
+computed upstream from old vs ref log-probs) and ``whiten`` (global token-weighted
+whitening, Part A §5).
+
+    name             params (defaults)                                           paper
+    gae              gamma=1.0 lam=0.95 lambda_critic=None length_alpha=None     GAE, VC-PPO, VAPO
+                     whiten=True kl_coef=0.0
+    group_norm       eps=1e-6 whiten=False kl_coef=0.0                           GRPO
+    group_center     whiten=False kl_coef=0.0                                    Dr. GRPO / REINFORCE++-baseline
+    rloo             whiten=False kl_coef=0.0                                    RLOO
+    greedy_baseline  whiten=False kl_coef=0.0                                    ReMax
+    reward_to_go     gamma=1.0 whiten=True kl_coef=0.0                           REINFORCE++
+
+Metrics (floats, over every valid token of the batch, all ranks):
+    advantages/mean, advantages/std       the final advantages (after whitening if on)
+    returns/mean, returns/std             critic targets (gae only)
+    advantages/lambda_actor_mean          mean per-sequence λ_actor over non-empty rows (gae with length_alpha)
+    rewards/kl_penalty                    mean over rows of kl_coef·Σ_t m k (only when kl_coef > 0)
+
+Group statistics (group_norm, group_center, rloo) are taken over the rows of this call:
+every response of a prompt must be in the same call (the engine keeps groups whole).
+A row with an empty mask keeps its score in its group's statistics and gets advantage 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from rlflow.dist import all_reduce_sum
+from rlflow.nodes.masked import masked_whiten
+from rlflow.registry import Registry
+
+# ---------------------------------------------------------------------------------------
+# Contract
+
+
+@dataclass
+class AdvantageInputs:
+    rewards: torch.Tensor  # [B] float, sequence score R_i from Score
+    mask: torch.Tensor  # [B, T] response mask (1 on tokens incl. EOS, 0 on padding)
+    group: torch.Tensor  # [B] long, prompt id (rows of one prompt share it)
+    values: torch.Tensor | None = None  # [B, T] critic values V_{i,t} (gae only)
+    kl: torch.Tensor | None = None  # [B, T] per-token KL estimate, old vs ref (KL in reward)
+    baseline_rewards: torch.Tensor | None = None  # [B] score of the greedy response (ReMax)
+
+
+@dataclass
+class AdvantageResult:
+    advantages: torch.Tensor  # [B, T], 0 on padding
+    returns: torch.Tensor | None  # [B, T] critic targets (gae), else None
+    metrics: dict[str, float]  # namespaced: "advantages/mean", "returns/mean", ...
+
+
+@dataclass(frozen=True)
+class AdvantageVariant:
+    fn: Callable[..., AdvantageResult]
+    needs: frozenset[str]  # optional inputs it requires: subset of {"values", "baseline_rewards"}
+    group_based: bool  # True if it needs > 1 sample per prompt
+
+
+ADVANTAGES: Registry[AdvantageVariant] = Registry("advantage estimator")
+
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers (the tests call these directly)
+
+
+def last_token(mask: torch.Tensor) -> torch.Tensor:
+    """1 on the last valid token T_i of each row, 0 elsewhere (all 0 for an empty row)."""
+    valid = mask > 0  # [B, T]
+    pos = torch.arange(1, mask.shape[-1] + 1, device=mask.device)  # [T] 1-based
+    last = (valid * pos).amax(-1)  # [B] 1-based index of the last valid token, 0 if empty
+    return (pos == last[:, None]) & valid  # [B, T] bool
+
+
+def token_rewards(
+    rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0
+) -> torch.Tensor:
+    """Per-token rewards, §1.2: ``r_{i,t} = -β·k_{i,t} + 1[t = T_i]·R_i``, 0 on padding.
+
+    The KL term is dropped when ``kl_coef == 0`` (``kl`` may then be None).
+    """
+    if kl_coef != 0.0 and kl is None:
+        raise ValueError(f"kl_coef={kl_coef} puts KL in the reward but no per-token kl was given")
+    m = mask.to(rewards.dtype)  # [B, T]
+    r = torch.where(last_token(mask), rewards[:, None], 0.0)  # [B, T] score on T_i only
+    if kl_coef != 0.0:
+        r = r - kl_coef * kl.to(rewards.dtype) * m  # [B, T] KL only on valid tokens
+    return r
+
+
+def sequence_rewards(
+    rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0
+) -> torch.Tensor:
+    """Sequence scalar with KL in the reward, RLOO paper §3.1: ``R_i - β·Σ_t m_{i,t} k_{i,t}``."""
+    if kl_coef == 0.0:
+        return rewards
+    if kl is None:
+        raise ValueError(f"kl_coef={kl_coef} puts KL in the reward but no per-token kl was given")
+    m = mask.to(rewards.dtype)
+    return rewards - kl_coef * (kl.to(rewards.dtype) * m).sum(-1)  # [B]
+
+
+class GroupStats(NamedTuple):
+    """Per-row statistics of each row's group (every tensor is [B])."""
+
+    mean: torch.Tensor  # mean of the group's values
+    std: torch.Tensor  # Bessel-corrected std of the group's values
+    size: torch.Tensor  # number of rows in the group
+    loo_mean: torch.Tensor  # mean of the OTHER rows of the group (leave-one-out)
+
+
+def group_mean_std(values: torch.Tensor, group: torch.Tensor, variant: str = "group statistics") -> GroupStats:
+    """Group mean, Bessel std and leave-one-out mean of ``values`` [B] per ``group`` [B].
+
+    Vectorised with ``index_add_``; group ids need be neither contiguous nor 0..G-1.
+    Each group is shifted by its first value before summing, so a group of equal values
+    gives a mean equal to that value and a std of exactly 0 (not rounding noise).
+    A group of size 1 has no baseline and raises ValueError naming it (Part A §4).
+    """
+    ids, inv = torch.unique(group, return_inverse=True)  # [G], [B] in 0..G-1
+    n_groups, b = ids.numel(), values.shape[0]
+    size = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, inv, torch.ones_like(values))  # [G]
+    singles = ids[size == 1]
+    if singles.numel() > 0:
+        named = ", ".join(str(g) for g in singles.tolist())
+        raise ValueError(
+            f"{variant}: group(s) {named} have a single response; a group needs at least 2 "
+            f"responses per prompt for a baseline (ALGORITHMS.md Part A §4)"
+        )
+    # shift each group by its first row: exact zeros for equal values, less cancellation
+    rows = torch.arange(b, device=values.device)
+    first = torch.full((n_groups,), b, device=values.device).scatter_reduce_(0, inv, rows, reduce="amin")  # [G]
+    shift = values[first]  # [G]
+    d = values - shift[inv]  # [B]
+    d_sum = torch.zeros_like(shift).index_add_(0, inv, d)  # [G]
+    mean_d = d_sum / size  # [G]
+    dev = d - mean_d[inv]  # [B] R_i - mean_g
+    ss = torch.zeros_like(shift).index_add_(0, inv, dev * dev)  # [G] Σ (R - mean)²
+    std = (ss / (size - 1)).sqrt()  # [G] Bessel
+    n = size[inv]  # [B]
+    loo_mean = shift[inv] + (d_sum[inv] - d) / (n - 1)  # [B] (Σ_g R - R_i)/(n-1)
+    return GroupStats(mean=shift[inv] + mean_d[inv], std=std[inv], size=n, loo_mean=loo_mean)
+
+
+def discounted_cumsum(x: torch.Tensor, mask: torch.Tensor, discount: float | torch.Tensor) -> torch.Tensor:
+    """Reverse discounted sum over valid tokens: ``y_t = x_t + d·y_{t'}``, t' the next valid token.
+
+    ``discount`` is a float or a per-row tensor [B]. Returns [B, T], 0 on padding; the sum
+    after the last valid token is 0. Interior zeros of the mask (none in rlflow, whose
+    masks are right-padded) are skipped, as verl's GAE loop does.
+    """
+    m = mask > 0  # [B, T]
+    d = torch.as_tensor(discount, dtype=x.dtype, device=x.device).expand(x.shape[0])  # [B]
+    carry = x.new_zeros(x.shape[0])  # [B] y at the next valid token
+    out = []
+    for t in reversed(range(x.shape[1])):
+        y = x[:, t] + d * carry  # [B]
+        carry = torch.where(m[:, t], y, carry)
+        out.append(torch.where(m[:, t], y, 0.0))
+    return torch.stack(out[::-1], dim=1)  # [B, T]
+
+
+def td_residuals(r: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """TD residuals, §1.3: ``δ_t = r_t + γ·V_{t+1} - V_t`` with ``V_{T_i+1} := 0``; 0 on padding.
+
+    The bootstrap after the last valid token is 0 also for truncated responses (§0.1).
+    """
+    m = mask > 0  # [B, T]
+    carry = values.new_zeros(values.shape[0])  # [B] V at the next valid token (0 after T_i)
+    nxt = []
+    for t in reversed(range(values.shape[1])):
+        nxt.append(carry)
+        carry = torch.where(m[:, t], values[:, t], carry)  # only valid tokens are ever read
+    v_next = torch.stack(nxt[::-1], dim=1)  # [B, T]
+    return torch.where(m, r + gamma * v_next - values, 0.0)  # [B, T]
+
+
+def length_adaptive_lambda(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VAPO §8: ``λ_i = clamp(1 - 1/(α·l_i), 0, 1)``; l=100, α=0.05 → 0.8; l ≤ 1/α → 0.
+
+    The clamp is ours: the paper does not say what happens for ``l_i ≤ 1/α`` (λ ≤ 0).
+    An empty row (l = 0) gets 0; it has no tokens for λ to act on.
+    """
+    lengths = lengths.to(torch.float64)
+    lam = 1.0 - 1.0 / (alpha * lengths.clamp(min=1.0))  # [B]
+    return lam.clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Shared plumbing of the variants
+
+
+def _moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """Token-weighted mean and Bessel std of ``x`` over valid tokens of all ranks (0 if too few)."""
+    m = mask.to(torch.float64)
+    x = x.to(torch.float64)
+    n, s1, s2 = all_reduce_sum(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])).tolist()
+    if n < 1:
+        return 0.0, 0.0
+    mean = s1 / n
+    var = max(s2 / n - mean * mean, 0.0) * n / (n - 1) if n > 1 else 0.0
+    return mean, var**0.5
+
+
+def _dtype(x: AdvantageInputs) -> torch.dtype:
+    return torch.promote_types(x.rewards.dtype, torch.float32)  # bf16 in → float32 maths
+
+
+def _check(x: AdvantageInputs, variant: str, needs: frozenset[str], kl_coef: float, whiten: bool) -> None:
+    """Shapes, required inputs and KL settings, all problems in one ValueError."""
+    problems = []
+    if x.mask.ndim != 2:
+        problems.append(f"mask must be [B, T], found shape {tuple(x.mask.shape)}")
+    b = x.mask.shape[0] if x.mask.ndim >= 1 else -1
+    for name in ("rewards", "group", "baseline_rewards"):
+        t = getattr(x, name)
+        if t is not None and tuple(t.shape) != (b,):
+            problems.append(f"{name} must be [B]=[{b}], found shape {tuple(t.shape)}")
+    for name in ("values", "kl"):
+        t = getattr(x, name)
+        if t is not None and t.shape != x.mask.shape:
+            problems.append(f"{name} must have the mask's shape {tuple(x.mask.shape)}, found {tuple(t.shape)}")
+    for name in sorted(needs):
+        if getattr(x, name) is None:
+            problems.append(f"needs {name}, which was not given")
+    if kl_coef < 0:
+        problems.append(f"kl_coef must be >= 0, found {kl_coef}")
+    if kl_coef > 0 and x.kl is None:
+        problems.append(f"kl_coef={kl_coef} puts KL in the reward but no per-token kl was given")
+    if not isinstance(whiten, bool):
+        problems.append(f"whiten must be a bool, found {whiten!r}")
+    if problems:
+        raise ValueError(f"advantage {variant!r}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+
+
+def _in_unit(name: str, value: float, variant: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"advantage {variant!r}: {name} must be in [0, 1], found {value}")
+
+
+def _finish(
+    adv: torch.Tensor, x: AdvantageInputs, whiten: bool, kl_coef: float, returns: torch.Tensor | None = None
+) -> AdvantageResult:
+    """Optional global whitening and the metrics; ``adv`` is already 0 on padding."""
+    m = x.mask > 0
+    if whiten:
+        adv = masked_whiten(adv, x.mask)  # [B, T] Part A §5: global, token-weighted, Bessel
+    metrics = {}
+    metrics["advantages/mean"], metrics["advantages/std"] = _moments(adv, x.mask)
+    if returns is not None:
+        metrics["returns/mean"], metrics["returns/std"] = _moments(returns, x.mask)
+    if kl_coef > 0:
+        penalty = kl_coef * (x.kl.to(torch.float64) * m).sum(-1)  # [B]
+        total, rows = all_reduce_sum(torch.stack([penalty.sum(), penalty.new_tensor(float(penalty.numel()))])).tolist()
+        metrics["rewards/kl_penalty"] = total / max(rows, 1.0)
+    return AdvantageResult(advantages=adv, returns=returns, metrics=metrics)
+
+
+def _broadcast(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence advantage [B] on every valid token, 0 on padding: [B, T]."""
+    return torch.where(mask > 0, seq_adv[:, None], 0.0)  # where, not *: a non-finite score stays off padding
+
+
+# ---------------------------------------------------------------------------------------
+# Token-level variants: a critic (gae) or the reward-to-go (reward_to_go)
+
+
+@torch.no_grad()
+def gae(
+    x: AdvantageInputs,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    lambda_critic: float | None = None,
+    length_alpha: float | None = None,
+    whiten: bool = True,
+    kl_coef: float = 0.0,
+) -> AdvantageResult:
+    """Generalised Advantage Estimation (Schulman et al. 2016, arXiv 1506.02438), as in PPO
+    for LLMs (§1.3), with VC-PPO's decoupled λ (arXiv 2503.01491, §2.2) and VAPO's
+    length-adaptive λ (arXiv 2504.05118, §8).
+
+        r_{i,t}  = -β·k_{i,t} + 1[t = T_i]·R_i                   (§1.2)
+        δ_{i,t}  = r_{i,t} + γ·V_{i,t+1} - V_{i,t},   V_{i,T_i+1} := 0
+        A_{i,t}  = δ_{i,t} + γ·λ_actor,i · A_{i,t+1}              → advantages (whitened if on)
+        Ret_{i,t} = GAE(δ; γ, λ_critic)_{i,t} + V_{i,t}           → returns (critic targets)
+
+    λ_actor,i is ``lam`` or, with ``length_alpha`` set, ``clamp(1 - 1/(α·l_i), 0, 1)`` per
+    sequence; λ_critic is ``lambda_critic`` or, when None, ``lam`` (never length-adaptive).
+
+    Departures and choices:
+      * The bootstrap after the last valid token is 0, also for truncated responses
+        (every framework does this; the papers treat the episode as ended).
+      * VAPO's λ is clamped to [0, 1]; the paper leaves l_i ≤ 1/α (λ ≤ 0) open.
+      * Returns come from the un-whitened GAE; whitening (Part A §5: global, token-weighted,
+        Bessel, as verl) applies to the advantages only. The papers do not fix the flavour.
+      * KL enters the reward per token (k from old vs ref log-probs, computed upstream).
+    """
+    _check(x, "gae", frozenset({"values"}), kl_coef, whiten)
+    _in_unit("gamma", gamma, "gae")
+    _in_unit("lam", lam, "gae")
+    lam_c = lam if lambda_critic is None else lambda_critic
+    _in_unit("lambda_critic", lam_c, "gae")
+    if length_alpha is not None and not length_alpha > 0:
+        raise ValueError(f"advantage 'gae': length_alpha must be > 0, found {length_alpha}")
+    dt = _dtype(x)
+    m = x.mask > 0  # [B, T]
+    r = token_rewards(x.rewards.to(dt), x.mask, x.kl, kl_coef)  # [B, T]
+    v = torch.where(m, x.values.to(dt), 0.0)  # [B, T]
+    delta = td_residuals(r, v, x.mask, gamma)  # [B, T] computed once, used twice
+    if length_alpha is None:
+        lam_a = torch.full((r.shape[0],), lam, dtype=dt, device=r.device)  # [B]
+    else:
+        lam_a = length_adaptive_lambda(m.sum(-1), length_alpha).to(dt)  # [B]
+    adv = discounted_cumsum(delta, x.mask, gamma * lam_a)  # [B, T]
+    if length_alpha is None and lam_c == lam:
+        returns = adv + v  # same λ: one GAE serves both
+    else:
+        returns = discounted_cumsum(delta, x.mask, gamma * lam_c) + v  # [B, T]
+    out = _finish(adv, x, whiten, kl_coef, returns=returns)
+    if length_alpha is not None:
+        nonempty = m.any(-1)
+        out.metrics["advantages/lambda_actor_mean"] = lam_a[nonempty].mean().item() if nonempty.any() else 0.0
+    return out
+
+
+@torch.no_grad()
+def reward_to_go(x: AdvantageInputs, *, gamma: float = 1.0, whiten: bool = True, kl_coef: float = 0.0) -> AdvantageResult:
+    """REINFORCE++ (Hu et al. 2025, arXiv 2501.03262, §6.2): reward-to-go, globally whitened.
+
+        r_{i,t} = -β·k_{i,t} + 1[t = T_i]·R_i
+        G_{i,t} = Σ_{s≥t} γ^{s-t} r_{i,s}
+        Â_{i,t} = (G_{i,t} - μ) / sqrt(σ² + 1e-8)      over all valid tokens of the batch
+
+    Departures: σ² is Bessel-corrected with eps inside the sqrt (Part A §5, as verl); the
+    paper's code (OpenRLHF) uses the population variance floored at 1e-8. No baseline:
+    REINFORCE++-baseline is ``group_center`` with ``whiten=True``.
+    """
+    _check(x, "reward_to_go", frozenset(), kl_coef, whiten)
+    _in_unit("gamma", gamma, "reward_to_go")
+    dt = _dtype(x)
+    r = token_rewards(x.rewards.to(dt), x.mask, x.kl, kl_coef)  # [B, T]
+    g = discounted_cumsum(r, x.mask, gamma)  # [B, T]
+    return _finish(g, x, whiten, kl_coef)
+
+
+# ---------------------------------------------------------------------------------------
+# Sequence-level variants: a scalar per response minus a baseline, broadcast to tokens
+
+
+@torch.no_grad()
+def group_norm(x: AdvantageInputs, *, eps: float = 1e-6, whiten: bool = False, kl_coef: float = 0.0) -> AdvantageResult:
+    """GRPO outcome supervision (DeepSeekMath, arXiv 2402.03300, §4.1.2; ALGORITHMS.md §4.1).
+
+        Â_{i,t} = (R_i - mean_{g(i)} R) / (std_{g(i)} R + eps)    for t ≤ T_i, 0 on padding
+
+    Departures and choices:
+      * std is Bessel-corrected and eps = 1e-6 is added to it (Part A §4, as verl); the
+        paper specifies neither. G=2 with rewards {0, 1} gives ±0.7071.
+      * A group of size 1 raises (verl would return the raw reward).
+      * The paper's KL is k3 in the loss (a Loss node's job). With ``kl_coef > 0`` a
+        sequence KL ``β·Σ_t m k`` is subtracted from R before the group statistics.
+    """
+    _check(x, "group_norm", frozenset(), kl_coef, whiten)
+    if not eps > 0:
+        raise ValueError(f"advantage 'group_norm': eps must be > 0, found {eps}")
+    score = sequence_rewards(x.rewards.to(_dtype(x)), x.mask, x.kl, kl_coef)  # [B]
+    st = group_mean_std(score, x.group, "group_norm")
+    seq_adv = (score - st.mean) / (st.std + eps)  # [B]
+    return _finish(_broadcast(seq_adv, x.mask), x, whiten, kl_coef)
+
+
+@torch.no_grad()
+def group_center(x: AdvantageInputs, *, whiten: bool = False, kl_coef: float = 0.0) -> AdvantageResult:
+    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, §5): the group mean as baseline, no std.
+
+        Â_{i,t} = R_i - mean_{g(i)} R        for t ≤ T_i, 0 on padding
+
+    With ``whiten=True`` this is REINFORCE++-baseline (arXiv 2501.03262, §6.3): the centred
+    scalar broadcast to tokens, then token-weighted global whitening.
+
+    Departures: a group of size 1 raises (the formula gives 0). Dr. GRPO's constant loss
+    normaliser and REINFORCE++-baseline's k2 loss KL belong to the Loss node. With
+    ``kl_coef > 0`` a sequence KL ``β·Σ_t m k`` is subtracted from R before the mean.
+    """
+    _check(x, "group_center", frozenset(), kl_coef, whiten)
+    score = sequence_rewards(x.rewards.to(_dtype(x)), x.mask, x.kl, kl_coef)  # [B]
+    st = group_mean_std(score, x.group, "group_center")
+    return _finish(_broadcast(score - st.mean, x.mask), x, whiten, kl_coef)
+
+
+@torch.no_grad()
+def rloo(x: AdvantageInputs, *, whiten: bool = False, kl_coef: float = 0.0) -> AdvantageResult:
+    """RLOO (Ahmadian et al. 2024, arXiv 2402.14740, §3.1): leave-one-out baseline.
+
+        R_i = r(x, y_i) - β·Σ_t m_{i,t} k_{i,t}                       (sequence KL in reward)
+        A_i = R_i - (1/(k-1)) Σ_{j≠i, g(j)=g(i)} R_j  =  k/(k-1) · (R_i - mean_g R)
+
+    Departures: the paper treats the response as one action; here ``A_i`` is broadcast to
+    every valid token, and the paper's gradient is recovered by the Loss node with
+    ``seq-mean-token-sum`` at ratio 1 (Part A §12). A group of size 1 raises (verl gives
+    the raw reward or 0 depending on the variant). ``whiten`` is off in the paper.
+    """
+    _check(x, "rloo", frozenset(), kl_coef, whiten)
+    score = sequence_rewards(x.rewards.to(_dtype(x)), x.mask, x.kl, kl_coef)  # [B]
+    st = group_mean_std(score, x.group, "rloo")
+    return _finish(_broadcast(score - st.loo_mean, x.mask), x, whiten, kl_coef)
+
+
+@torch.no_grad()
+def greedy_baseline(x: AdvantageInputs, *, whiten: bool = False, kl_coef: float = 0.0) -> AdvantageResult:
+    """ReMax (Li et al. 2023, arXiv 2310.10505, §6.5): the greedy response's score as baseline.
+
+        b_i = r(x_i, ȳ_i),  ȳ_i greedy           (score only, no KL, no gradient)
+        A_i = R_i - β·Σ_t m_{i,t} k_{i,t} - b_i   broadcast to every valid token
+
+    Departures: the paper form (a scalar per response). verl's ``remax`` instead uses the
+    per-token reward-to-go minus b_i, which differs from this only when the KL is in the
+    reward (the per-token KL then weighs later tokens less). All samples of one prompt
+    share the baseline the engine gives them; rows are independent (not group-based).
+    """
+    _check(x, "greedy_baseline", frozenset({"baseline_rewards"}), kl_coef, whiten)
+    dt = _dtype(x)
+    score = sequence_rewards(x.rewards.to(dt), x.mask, x.kl, kl_coef)  # [B]
+    seq_adv = score - x.baseline_rewards.to(dt)  # [B]
+    return _finish(_broadcast(seq_adv, x.mask), x, whiten, kl_coef)
+
+
+# ---------------------------------------------------------------------------------------
+# Registry: the only list of names
+
+ADVANTAGES.register("gae")(AdvantageVariant(gae, frozenset({"values"}), group_based=False))
+ADVANTAGES.register("reward_to_go")(AdvantageVariant(reward_to_go, frozenset(), group_based=False))
+ADVANTAGES.register("group_norm")(AdvantageVariant(group_norm, frozenset(), group_based=True))
+ADVANTAGES.register("group_center")(AdvantageVariant(group_center, frozenset(), group_based=True))
+ADVANTAGES.register("rloo")(AdvantageVariant(rloo, frozenset(), group_based=True))
+ADVANTAGES.register("greedy_baseline")(AdvantageVariant(greedy_baseline, frozenset({"baseline_rewards"}), group_based=False))

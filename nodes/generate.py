@@ -1,0 +1,48 @@
+"""Generate: n samples per prompt from the policy's own weights, with a KV cache.
+
+Writes response_ids / response_mask [B*n, T] (EOS included in the mask, ALGORITHMS.md
+Part A §2), old_logprobs [B*n, T] at the sampling temperature (Part A §1), truncated
+[B*n] and the decoded response texts. Rows of one prompt stay together and share its
+``group``. With ``greedy_baseline=True`` it also decodes one greedy response per
+prompt (ReMax), repeated on each of the prompt's rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlflow.batch import Batch
+from rlflow.forward import decode, sample
+from rlflow.node import Context, runner
+from rlflow.spec import Generate
+
+
+@runner("generate")
+class GenerateRunner:
+    def __init__(self, spec: Generate):
+        self.spec = spec
+
+    @torch.no_grad()
+    def run(self, batch: Batch, ctx: Context):
+        s = self.spec
+        worker = ctx.workers[s.model]
+        tok = worker.tokenizer
+        rows = batch.repeat_interleave(s.n)  # [B*n], a prompt's samples are adjacent
+        out = sample(worker.module, rows["prompt_ids"], rows["prompt_mask"], max_new_tokens=s.max_new_tokens,
+                     temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=ctx.generator)
+        rows["response_ids"] = out.response_ids
+        rows["response_mask"] = out.response_mask
+        rows["old_logprobs"] = out.logprobs
+        rows["truncated"] = out.truncated
+        rows["response"] = decode(tok, out.response_ids, out.response_mask)
+        rows.meta["temperature"] = s.temperature
+        if s.greedy_baseline:
+            g = sample(worker.module, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=s.max_new_tokens,
+                       greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            texts = decode(tok, g.response_ids, g.response_mask)
+            rows["greedy_response_ids"] = g.response_ids.repeat_interleave(s.n, 0)
+            rows["greedy_response_mask"] = g.response_mask.repeat_interleave(s.n, 0)
+            rows["greedy_response"] = [t for t in texts for _ in range(s.n)]
+        metrics = {"generate/truncated_frac": float(out.truncated.float().mean())}
+        return rows, metrics

@@ -1,0 +1,1 @@
+"""The shipped pipelines, one file per algorithm (importable as ``rlflow.pipelines``)."""

@@ -1,0 +1,183 @@
+"""The built-in task ``builtin:arith`` and the untrained parts of ``builtin:tiny-arith``.
+
+The task is two-digit addition: the prompt is ``"37+45="`` and the answer is ``"82"``,
+with both operands in 10..99 (8,100 problems). A fixed 500 of them are held out as the
+eval split, the same whatever the seed; the train split is the other 7,600, shuffled by
+the seed. The reward is a rule, :func:`exact_match`.
+
+The model is a tiny Llama-style causal LM over a character-level tokenizer, so every
+pipeline runs and visibly learns on a CPU with nothing downloaded. This module builds
+the tokenizer and the freshly initialised model; the project's own SFT pipeline trains it
+on :func:`demonstrations` with the ``SFT_*`` settings below, which were chosen to stop at
+a *moderate* eval accuracy so that RL has room to improve it.
+
+Only the standard library is imported at module level: the data functions serve
+validation, which must not import torch.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import transformers
+
+Split = Literal["train", "eval"]
+
+# ---------------------------------------------------------------------------------------
+# Settings for the SFT run that makes builtin:tiny-arith from make_model(seed=...).
+# Filled in from the calibration below; see the comment for what they measured.
+# ---------------------------------------------------------------------------------------
+SFT_LR = 1e-3
+SFT_BATCH = 64
+SFT_STEPS = 500
+SFT_WARMUP = 0
+# Longest answer is 3 digits ("198") plus EOS.
+MAX_NEW_TOKENS = 4
+
+EVAL_SIZE = 500
+_EVAL_PERMUTATION_SEED = 20240601  # fixed forever: changing it changes the eval split
+OPERANDS = range(10, 100)
+
+CHARS = "0123456789+="
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+
+
+# --- tokenizer and model ---------------------------------------------------------------
+
+
+def make_tokenizer() -> "transformers.PreTrainedTokenizerFast":
+    """A character-level tokenizer over ``"0123456789+="`` plus pad, eos, bos and unk.
+
+    Ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then the 12 characters in
+    order (16 in all). Nothing is added around an encoded text (no BOS, no EOS); the
+    SFT data loader appends EOS to completions. Padding is on the left, so that
+    generation continues from the last prompt token. Decoding fuses the characters
+    without spaces: ``decode(ids("82") + [eos], skip_special_tokens=True) == "82"``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, BOS, UNK, *CHARS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # An empty pattern matches between every pair of characters: one piece per character.
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()  # join the pieces with no separator
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=BOS,
+        unk_token=UNK,
+        padding_side="left",
+        model_max_length=64,
+    )
+
+
+def make_model(tokenizer: "transformers.PreTrainedTokenizerBase", *, seed: int) -> "transformers.LlamaForCausalLM":
+    """A freshly initialised tiny Llama (about 0.66M parameters) for ``tokenizer``.
+
+    Hidden size 128, 4 layers of 4 heads, MLP width 256, tied input and output
+    embeddings. The initialisation depends only on ``seed``; the global torch RNG is
+    left as it was.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def _split_pairs(split: Split) -> list[tuple[int, int]]:
+    """The (a, b) pairs of ``split``: eval in its fixed order, train in canonical order."""
+    every = [(a, b) for a in OPERANDS for b in OPERANDS]
+    order = list(range(len(every)))
+    random.Random(_EVAL_PERMUTATION_SEED).shuffle(order)
+    held_out = order[:EVAL_SIZE]
+    if split == "eval":
+        return [every[i] for i in held_out]
+    if split == "train":
+        held = set(held_out)
+        return [p for i, p in enumerate(every) if i not in held]
+    raise ValueError(f"unknown split {split!r}; known: 'eval', 'train'")
+
+
+def _operands(split: Split, n: int | None, seed: int) -> list[tuple[int, int]]:
+    chosen = _split_pairs(split)
+    if split == "train":
+        random.Random(seed).shuffle(chosen)
+    if n is None:
+        return chosen
+    if not 0 <= n <= len(chosen):
+        raise ValueError(f"n={n} is outside 0..{len(chosen)} for the {split!r} split")
+    return chosen[:n]
+
+
+def problems(split: Split, n: int | None = None, *, seed: int = 0) -> list[dict]:
+    """Rows ``{"prompt": "37+45=", "answer": "82"}`` of ``split``.
+
+    ``"eval"`` is a fixed held-out set of 500 problems in a fixed order; ``seed`` does
+    not change it. ``"train"`` is the other 7,600, shuffled by ``seed``. ``n`` takes the
+    first ``n`` rows (``None``: all of them).
+    """
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in _operands(split, n, seed)]
+
+
+def exact_match(response: str, row: dict) -> float:
+    """The rule reward: 1.0 iff the stripped response is the answer, else 0.0."""
+    return 1.0 if response.strip() == row["answer"] else 0.0
+
+
+def _wrong_sum(a: int, b: int, rng: random.Random) -> str:
+    """A plausible wrong answer to ``a+b``: a slip of one in the units or tens digit, a
+    dropped or spurious carry (both change the sum by ten), or a dropped hundreds carry."""
+    total = a + b
+    candidates = {total - 1, total + 1, total - 10, total + 10}
+    if total >= 100:
+        candidates.add(total - 100)  # "145" written "45"
+    return str(rng.choice(sorted(c for c in candidates if c >= 0 and c != total)))
+
+
+def pairs(split: Split, n: int | None = None, *, seed: int = 0) -> list[dict]:
+    """Preference rows ``{"prompt", "chosen", "rejected"}`` for DPO and reward models.
+
+    ``chosen`` is the correct sum; ``rejected`` is a plausible wrong one (see
+    :func:`_wrong_sum`), never equal to ``chosen``. The rows are those of
+    :func:`problems` with the same arguments, and each problem's ``rejected`` depends
+    only on the problem and ``seed``.
+    """
+    rows = []
+    for a, b in _operands(split, n, seed):
+        rng = random.Random(f"{seed}:{a}+{b}")  # str seeds hash with sha512: stable across runs
+        rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": _wrong_sum(a, b, rng)})
+    return rows
+
+
+def demonstrations(split: Split, n: int | None = None, *, seed: int = 0) -> list[dict]:
+    """SFT rows ``{"prompt", "answer", "completion"}``; the completion is the answer text.
+
+    The EOS token is appended by the data loader, not here.
+    """
+    return [{**row, "completion": row["answer"]} for row in problems(split, n, seed=seed)]

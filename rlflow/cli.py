@@ -1,0 +1,317 @@
+"""The ``rlflow`` command: run, validate, graph, compare, list, report.
+
+Bad input (a missing file, a syntax error, an unknown node kind, a wrong parameter type,
+a model path that does not exist, an invalid graph) is one clear message on stderr and
+exit code 2, before any model loads. ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+
+from rlflow.loader import UserError, apply_overrides, load_pipeline
+
+EXIT_USAGE = 2
+
+
+def _console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+
+
+def _load_valid(file: str, sets: list[str] = (), *, steps: Optional[int] = None, seed: Optional[int] = None):
+    """Load, override and validate a pipeline file; UserError on any problem."""
+    from rlflow.graph import build
+    from rlflow.view import render_problems
+
+    pipeline = load_pipeline(file)
+    overrides = list(sets)
+    if steps is not None:
+        overrides.append(f"pipeline.steps={steps}")
+    if seed is not None:
+        overrides.append(f"pipeline.seed={seed}")
+    pipeline = apply_overrides(pipeline, overrides)
+    pg = build(pipeline)
+    if pg.errors:
+        text = render_problems(pg.problems, file).plain.rstrip()
+        raise UserError(pg.errors[0].code, "invalid pipeline\n" + text)
+    return pipeline, pg
+
+
+def _check_inputs(pipeline) -> None:
+    """Cheap existence checks of model paths and data, before anything loads."""
+    from rlflow.data import check_source
+    from rlflow.models import check_path
+
+    for name, m in pipeline.models.items():
+        why = check_path(m.path)
+        if why:
+            raise UserError("RF107", f"model {name!r}: {why}")
+    why = check_source(pipeline.data)
+    if why:
+        raise UserError("RF108", f"data: {why}")
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_validate(args) -> int:
+    from rlflow.graph import build
+    from rlflow.view import render_problems
+
+    out, err = _console(), _console(stderr=True)
+    bad = 0
+    for file in args.files:
+        if Path(file).name == "__init__.py":  # the package marker of pipelines/, not a pipeline
+            continue
+        try:
+            pipeline = load_pipeline(file)
+        except UserError as e:
+            err.print(f"{file}: {e}", markup=False)
+            bad += 1
+            continue
+        pg = build(pipeline)
+        if pg.errors:
+            err.print(render_problems(pg.problems, file))
+            bad += 1
+        else:
+            warn = f", {len(pg.warnings)} warning(s)" if pg.warnings else ""
+            out.print(f"{file}: ok ({pipeline.name}: {len(pipeline.nodes)} nodes, {len(pipeline.models)} models{warn})", markup=False)
+            for w in pg.warnings:
+                out.print(f"  {w.line()}", markup=False, style="yellow")
+    return EXIT_USAGE if bad else 0
+
+
+def cmd_graph(args) -> int:
+    from rlflow.view import render_graph, render_problems
+    from rlflow.graph import build
+
+    pipeline = apply_overrides(load_pipeline(args.file), args.set or [])
+    pg = build(pipeline)
+    c = _console()
+    c.print(render_graph(pg, everything=args.all))
+    if pg.problems:
+        c.print(render_problems(pg.problems, args.file))
+    return EXIT_USAGE if pg.errors else 0
+
+
+def flatten(pipeline) -> dict[str, str]:
+    """Every setting of a pipeline as 'owner.field' -> shown value (for compare)."""
+    from rlflow.view import _fmt
+
+    flat: dict[str, str] = {}
+    for k in ("steps", "ppo_epochs", "mini_batches"):
+        flat[f"pipeline.{k}"] = _fmt(getattr(pipeline, k))
+    flat["data.kind"] = pipeline.data.kind
+    for k, v in pipeline.data.model_dump().items():
+        flat[f"data.{k}"] = _fmt(v)
+    for name, m in pipeline.models.items():
+        flat[f"models.{name}"] = f"{m.path} head={m.head} {'train lr=' + format(m.lr, 'g') if m.train else 'frozen'}"
+    for node in pipeline.nodes:
+        flat[f"{node.name}"] = node.kind + (f":{node.variant}" if hasattr(node, "variant") else "")
+        for k, v in node.params().items():
+            if k != "variant":
+                flat[f"{node.name}.{k}"] = _fmt(v)
+    return flat
+
+
+def cmd_compare(args) -> int:
+    from rich.table import Table
+
+    pipes = [load_pipeline(f) for f in args.files]
+    flats = [flatten(p) for p in pipes]
+    keys: list[str] = []
+    for f in flats:
+        keys += [k for k in f if k not in keys]
+    table = Table(title="what differs (— = absent)", title_justify="left")
+    table.add_column("setting")
+    for p, f in zip(pipes, args.files):
+        table.add_column(f"{p.name}\n{Path(f).name}")
+    rows = 0
+    for k in keys:
+        vals = [f.get(k, "—") for f in flats]
+        if len(set(vals)) > 1:
+            table.add_row(k, *vals)
+            rows += 1
+    c = _console()
+    if rows:
+        c.print(table)
+    else:
+        c.print("the pipelines are identical in every setting", markup=False)
+    return 0
+
+
+def _pipeline_files() -> list[Path]:
+    import rlflow.pipelines
+
+    return sorted(p for p in Path(rlflow.pipelines.__file__).parent.glob("*.py") if p.name != "__init__.py")
+
+
+def cmd_list(args) -> int:
+    from rich.table import Table
+
+    table = Table(title="shipped pipelines (rlflow run pipelines/<file>)", title_justify="left")
+    table.add_column("file")
+    table.add_column("what it is")
+    for f in _pipeline_files():
+        doc = ast.get_docstring(ast.parse(f.read_text())) or ""
+        table.add_row(f.name, doc.strip().splitlines()[0] if doc.strip() else "")
+    _console().print(table)
+    return 0
+
+
+def _sparkline(values: list[float], width: int = 60) -> str:
+    if not values:
+        return ""
+    blocks = "▁▂▃▄▅▆▇█"
+    step = max(1, len(values) // width)
+    pts = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
+    lo, hi = min(pts), max(pts)
+    return "".join(blocks[int((v - lo) / (hi - lo) * 7) if hi > lo else 0] for v in pts)
+
+
+def cmd_report(args) -> int:
+    from rlflow.view import summary_lines, summary_table, timing_table
+
+    run = Path(args.run)
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        raise UserError("RF109", f"{run}: not a run directory (no metrics.jsonl)")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    c = _console()
+    summary_file = run / "summary.json"
+    if summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        c.print(summary_table(summary))
+        for line in summary_lines(summary):
+            c.print(line, markup=False)
+    elif records:
+        c.print(f"run did not finish: {len(records)} steps recorded", markup=False)
+        c.print(timing_table(records[-1]["nodes"]))
+    rewards = [r["reward/mean"] for r in records if "reward/mean" in r]
+    if rewards:
+        c.print(f"reward  {_sparkline(rewards)}  {rewards[0]:.3f} -> {rewards[-1]:.3f}", markup=False)
+    samples = run / "samples.jsonl"
+    if samples.exists():
+        lines = samples.read_text().splitlines()[-args.samples:]
+        c.print("last samples:", markup=False)
+        for line in lines:
+            s = json.loads(line)
+            c.print(f"  step {s['step']}: {s['prompt']!r} -> {s['response']!r}" + (f" (reward {s['reward']:g})" if "reward" in s else ""), markup=False)
+    return 0
+
+
+def cmd_run(args) -> int:
+    pipeline, pg = _load_valid(args.file, args.set or [], steps=args.steps, seed=args.seed)
+    _check_inputs(pipeline)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rlflow.view import LiveView, render_graph
+
+    out = Path(args.out) if args.out else Path("runs") / f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    console = _console()
+    if rank0 and not args.quiet:
+        console.print(render_graph(pg))
+    _quiet_libraries()
+    from rlflow.engine import Run
+
+    view = LiveView(console, steps=pipeline.steps, enabled=rank0 and not args.quiet)
+    run = Run(pipeline, pg, out, observer=view)
+    try:
+        run.setup()
+        run.train()
+    finally:
+        view.close()
+        run.close()
+    return 0
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="deepspeed")
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlflow", description="RLHF post-training pipelines as small declarative graphs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train a pipeline")
+    r.add_argument("file")
+    r.add_argument("--steps", type=int, help="iterations (overrides the pipeline's)")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--out", help="run directory (default runs/<name>-<time>)")
+    r.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter (repeatable)")
+    r.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("validate", help="static checks only; loads no model")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(fn=cmd_validate)
+
+    g = sub.add_parser("graph", help="draw the pipeline's graph")
+    g.add_argument("file")
+    g.add_argument("--all", action="store_true", help="every parameter and data edge")
+    g.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE")
+    g.set_defaults(fn=cmd_graph)
+
+    c = sub.add_parser("compare", help="what differs between pipelines, node by node")
+    c.add_argument("files", nargs="+")
+    c.set_defaults(fn=cmd_compare)
+
+    lst = sub.add_parser("list", help="the shipped pipelines")
+    lst.set_defaults(fn=cmd_list)
+
+    rep = sub.add_parser("report", help="timing, reward curve and samples of a run")
+    rep.add_argument("run")
+    rep.add_argument("--samples", type=int, default=8)
+    rep.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    # DeepSpeed's launcher passes --local_rank; accept and ignore it
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    args = build_parser().parse_args(argv)
+    err = _console(stderr=True)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        err.print(f"error: {e}", markup=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages
+        from rlflow.data import DataError
+        from rlflow.models import ModelLoadError
+
+        if args.debug:
+            traceback.print_exc()
+        code = EXIT_USAGE if isinstance(e, (ModelLoadError, DataError)) else 1
+        err.print(f"error: {type(e).__name__}: {e}" + ("" if args.debug else "\n(run with --debug for the traceback)"), markup=False)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Data sources: rows from ``builtin:arith``, a jsonl file or a saved ``datasets`` dataset,
+served as ``Batch`` es of prompts (or demonstrations, or preference pairs).
+
+The stream is seeded, walks a shuffled order epoch after epoch, and can report and
+restore its position (for exact resume).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rlflow.batch import Batch
+from rlflow.spec import DataSource, Demonstrations, Pairs
+
+
+class DataError(Exception):
+    """Data that cannot be read or lacks a field (reported without a traceback)."""
+
+
+def check_source(spec: DataSource) -> Optional[str]:
+    """Why the source cannot be read, or None. Cheap: reads no file."""
+    src = spec.source
+    if src.startswith("builtin:"):
+        return None if src == "builtin:arith" else f"unknown built-in data {src!r}; known: builtin:arith"
+    if not Path(src).expanduser().exists():
+        return f"data file {src!r} does not exist"
+    return None
+
+
+def load_rows(spec: DataSource, split: str = "train") -> Optional[list[dict[str, Any]]]:
+    """All rows of ``split`` ("train" or "eval") as dicts; None when there is no such split."""
+    src = spec.source
+    if src.startswith("builtin:"):
+        from rlflow import arith
+
+        if src != "builtin:arith":
+            raise DataError(check_source(spec))
+        make = {"prompts": arith.problems, "demonstrations": arith.demonstrations, "pairs": arith.pairs}[spec.kind]
+        return make(split)
+    path = src if split == "train" else spec.eval_source
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data file {path!r} does not exist")
+    if p.is_dir():
+        try:
+            import datasets  # optional: only for datasets saved with save_to_disk
+        except ImportError as e:
+            raise DataError(f"{path!r} is a directory; reading a saved dataset needs `pip install datasets`") from e
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return [dict(r) for r in ds]
+    rows = []
+    with p.open() as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _require(rows: list[dict], fields: list[str], source: str) -> None:
+    for i, r in enumerate(rows):
+        missing = [f for f in fields if f not in r]
+        if missing:
+            raise DataError(f"{source}: row {i} has no field {missing[0]!r} (it has {sorted(r)})")
+
+
+def _encode_responses(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded response ids with EOS appended, and their mask [B, T]."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    width = max(len(x) for x in ids)
+    out = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width))
+    for i, x in enumerate(ids):
+        out[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1.0
+    return out, mask
+
+
+def make_batch(spec: DataSource, rows: list[dict[str, Any]], tokenizer, first_group: int = 0) -> Batch:
+    """The Batch of ``rows``: one row per prompt (two per pair for preference data)."""
+    from rlflow.forward import encode_prompts
+
+    answer_field = getattr(spec, "answer_field", "answer")
+    if isinstance(spec, Pairs):
+        prompts = [r[spec.prompt_field] for r in rows for _ in (0, 1)]
+        responses = [r[k] for r in rows for k in (spec.chosen_field, spec.rejected_field)]
+        answers = [str(r.get(answer_field, r[spec.chosen_field])) for r in rows for _ in (0, 1)]
+        group = torch.arange(first_group, first_group + len(rows)).repeat_interleave(2)
+    else:
+        prompts = [r[spec.prompt_field] for r in rows]
+        answers = [str(r.get(answer_field, "")) for r in rows]
+        responses = [r[spec.completion_field] for r in rows] if isinstance(spec, Demonstrations) else None
+        group = torch.arange(first_group, first_group + len(rows))
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    b = Batch({"prompt": prompts, "answer": answers, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "group": group},
+              meta={"pad_id": tokenizer.pad_token_id})
+    if responses is not None:
+        b["response"] = responses
+        b["response_ids"], b["response_mask"] = _encode_responses(tokenizer, responses)
+    if isinstance(spec, Pairs):
+        b["chosen"] = torch.tensor([1.0, 0.0]).repeat(len(rows))
+    return b
+
+
+class DataStream:
+    """Endless seeded batches of ``spec.batch_size`` rows, epoch after epoch."""
+
+    def __init__(self, spec: DataSource, tokenizer, *, seed: int):
+        self.spec, self.tokenizer, self.seed = spec, tokenizer, seed
+        rows = load_rows(spec, "train")
+        if not rows:
+            raise DataError(f"{spec.source}: no rows")
+        fields = [spec.prompt_field] + {
+            "demonstrations": [getattr(spec, "completion_field", "")],
+            "pairs": [getattr(spec, "chosen_field", ""), getattr(spec, "rejected_field", "")],
+        }.get(spec.kind, [])
+        _require(rows, fields, spec.source)
+        self.rows = rows
+        self.epoch, self.pos, self.groups_served = 0, 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def next(self) -> Batch:
+        picked: list[dict] = []
+        while len(picked) < self.spec.batch_size:
+            if self.pos >= len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            picked.append(self.rows[self._order[self.pos]])
+            self.pos += 1
+        batch = make_batch(self.spec, picked, self.tokenizer, first_group=self.groups_served)
+        self.groups_served += len(picked)
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "groups_served": self.groups_served}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos, self.groups_served = state["epoch"], state["pos"], state["groups_served"]
+        self._order = self._shuffle()

@@ -1,0 +1,34 @@
+"""The one place where statistics cross processes.
+
+Every statistic over the batch (whitening moments, aggregation counts, dynamic-sampling
+counts, metrics) goes through :func:`all_reduce_sum`: a no-op in one process and a
+sum all-reduce when ``torch.distributed`` is initialised with more than one rank.
+"""
+
+from __future__ import annotations
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def all_reduce_sum(tensor):
+    """Sum ``tensor`` over all ranks, returning a new tensor (the input is not modified)."""
+    import torch.distributed as dist
+
+    out = tensor.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out

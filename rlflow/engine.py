@@ -1,0 +1,370 @@
+"""The runtime: places the models, runs the graph iteration by iteration, records it all.
+
+One iteration (DESIGN.md "Execution"):
+1. experience: a batch of prompts flows through the experience nodes in graph order
+   (Generate, Score, RefLogprob, Value, Advantage, Filter). A Filter with a target
+   makes the engine re-run the nodes upstream of it on fresh prompts until enough
+   groups survive (bounded rounds).
+2. update: ``ppo_epochs`` x ``mini_batches``; for each trainable model, every Loss
+   term on it is computed per micro-batch and summed, gradients accumulate over the
+   micro-batches, and the model takes one optimizer step per mini-batch. Denominators
+   of the aggregation come from the whole mini-batch (ALGORITHMS.md Part A §3).
+
+The engine emits events to an observer (the terminal view) and writes
+``config.json``, ``metrics.jsonl``, ``samples.jsonl``, checkpoints and ``final/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rlflow import dist
+from rlflow.batch import Batch
+from rlflow.data import DataStream, load_rows
+from rlflow.graph import PipelineGraph
+from rlflow.models import Worker, atomic_dir, place
+from rlflow.node import RUNNERS, Context
+from rlflow.spec import LossSpec, Pipeline
+
+from rlflow.nodes import advantage, generate, ref_logprob, score, value  # noqa: F401  (register the runners)
+
+
+class Observer:
+    """Receives the engine's events. The default prints nothing."""
+
+    def message(self, text: str) -> None: ...
+    def start(self, run: "Run") -> None: ...
+    def step(self, step: int, record: dict[str, Any]) -> None: ...
+    def evaluated(self, step: int, accuracy: float) -> None: ...
+    def end(self, summary: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class NodeTime:
+    seconds: float
+    rows: int
+    tokens: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"seconds": round(self.seconds, 6), "rows": self.rows, "tokens": self.tokens,
+                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
+
+
+def _tokens(batch: Batch) -> int:
+    return int(batch["response_mask"].sum().item()) if "response_mask" in batch else 0
+
+
+@dataclass
+class Run:
+    """A run of a pipeline: its models, its data, its outputs."""
+
+    pipeline: Pipeline
+    graph: PipelineGraph
+    out_dir: Path
+    observer: Observer = field(default_factory=Observer)
+    workers: dict[str, Worker] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    # --- set-up ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        p = self.pipeline
+        torch.manual_seed(p.seed)
+        random.seed(p.seed)
+        self.generator = torch.Generator().manual_seed(p.seed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if dist.rank() == 0:
+            (self.out_dir / "config.json").write_text(json.dumps(p.to_config(), indent=2) + "\n")
+        tokenizers: dict[str, Any] = {}
+        for name, spec in p.models.items():
+            t0 = time.perf_counter()
+            self.workers[name] = place(name, spec, steps=p.steps, on_build=self.observer.message, shared=tokenizers)
+            kind = "trainable" if spec.train else "frozen"
+            self.observer.message(f"placed {name} ({spec.path}, {kind}, head={spec.head}, ZeRO-{spec.zero_stage}, "
+                                  f"{spec.precision}) in {time.perf_counter() - t0:.1f}s")
+        self.policy = self._policy_name()
+        self.tokenizer = self.workers[self.policy].tokenizer if self.policy else next(iter(self.workers.values())).tokenizer
+        self.data = DataStream(p.data, self.tokenizer, seed=p.seed)
+        self.runners = {n.name: RUNNERS[n.kind](n) for n in p.nodes if n.stage == "experience"}
+        self.ctx = Context(workers=self.workers, graph=self.graph, generator=self.generator)
+        self.metrics_file = (self.out_dir / "metrics.jsonl").open("a") if dist.rank() == 0 else None
+        self.samples_file = (self.out_dir / "samples.jsonl").open("a") if dist.rank() == 0 else None
+        self.observer.start(self)
+
+    def _policy_name(self) -> Optional[str]:
+        gen = self.graph.generate()
+        if gen is not None:
+            return gen.model
+        trained = [n for n, m in self.pipeline.models.items() if m.train and m.head == "lm"]
+        return trained[0] if trained else None
+
+    # --- the loop --------------------------------------------------------------------------
+    def train(self, steps: Optional[int] = None) -> dict[str, Any]:
+        steps = steps or self.pipeline.steps
+        every = self.pipeline.eval.every if self.pipeline.eval else 0
+        before = self.evaluate(0)
+        started = time.perf_counter()
+        for step in range(1, steps + 1):
+            self.ctx.step = step
+            t0 = time.perf_counter()
+            batch, times, exp_metrics = self.experience()
+            upd_metrics = self.update(batch, times)
+            record = self._record(step, batch, times, {**exp_metrics, **upd_metrics}, time.perf_counter() - t0)
+            if every and step % every == 0 and step != steps:
+                record["eval/accuracy"] = self.evaluate(step)
+            self._write(record, batch)
+            self.observer.step(step, record)
+            if self.pipeline.save_every and step % self.pipeline.save_every == 0:
+                self.checkpoint(step)
+        after = self.evaluate(steps)
+        self.save_final()
+        summary = self._summary(before, after, time.perf_counter() - started)
+        if dist.rank() == 0:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.observer.end(summary)
+        self.close()
+        return summary
+
+    def experience(self) -> tuple[Batch, dict[str, NodeTime], dict[str, float]]:
+        """One batch through the experience nodes (with Filter refill rounds)."""
+        order = self.graph.experience_order()
+        filters = [n for n in order if n.kind == "filter" and getattr(n, "target_groups", None)]
+        times: dict[str, NodeTime] = {}
+        metrics: dict[str, float] = {}
+        if not filters:
+            batch = self.data.next()
+            for node in order:
+                batch = self._run_node(node, batch, times, metrics)
+            return batch, times, metrics
+        f = filters[0]
+        before = self.graph.upstream(f.name)
+        head = [n for n in order if n.name in before]
+        tail = [n for n in order if n.name not in before and n.name != f.name]
+        kept: list[Batch] = []
+        rounds = groups = 0
+        while groups < f.target_groups:
+            if rounds >= f.max_rounds:
+                if f.allow_short and kept:
+                    metrics["filter/short_batch"] = 1.0
+                    break
+                raise RuntimeError(f"{f.name}: {groups} of {f.target_groups} groups kept after {rounds} rounds "
+                                   f"(max_rounds={f.max_rounds}); raise max_rounds or lower target_groups")
+            rounds += 1
+            batch = self.data.next()
+            for node in head:
+                batch = self._run_node(node, batch, times, metrics)
+            batch = self._run_node(f, batch, times, metrics)
+            kept.append(batch)
+            groups += int(torch.unique(batch["group"]).numel()) if len(batch) else 0
+        batch = Batch.cat(kept)
+        batch = self.runners[f.name].truncate(batch, f.target_groups)
+        metrics["filter/rounds"] = float(rounds)
+        for node in tail:
+            batch = self._run_node(node, batch, times, metrics)
+        return batch, times, metrics
+
+    def _run_node(self, node, batch: Batch, times: dict[str, NodeTime], metrics: dict[str, float]) -> Batch:
+        t0 = time.perf_counter()
+        out = self.runners[node.name].run(batch, self.ctx)
+        if isinstance(out, tuple):  # a node that replaces the batch (Generate, Filter)
+            batch, m = out
+        else:
+            m = out
+        dt = time.perf_counter() - t0
+        prev = times.get(node.name)
+        tokens = _tokens(batch) if node.kind == "generate" or node.kind in ("ref_logprob", "value") else 0
+        times[node.name] = NodeTime(dt + (prev.seconds if prev else 0), len(batch), tokens + (prev.tokens if prev else 0))
+        metrics.update(m or {})
+        return batch
+
+    # --- update ------------------------------------------------------------------------------
+    def update(self, batch: Batch, times: dict[str, NodeTime]) -> dict[str, float]:
+        from rlflow.nodes.loss import LOSSES
+        from rlflow.nodes.masked import count
+
+        p = self.pipeline
+        losses_of: dict[str, list[LossSpec]] = {}
+        for n in self.graph.loss_nodes():
+            if self._trains(n.model):
+                losses_of.setdefault(n.model, []).append(n)
+        if not losses_of:
+            return {}
+        sums: dict[str, list[float]] = {}
+        temperature = batch.meta.get("temperature", 1.0)
+        constant = self._agg_constant()
+        for epoch in range(p.ppo_epochs):
+            shuffled = batch.shuffle_groups(self.generator) if (p.mini_batches > 1 or p.ppo_epochs > 1) else batch
+            for mini in shuffled.chunk(p.mini_batches):
+                for model, nodes in losses_of.items():
+                    worker = self.workers[model]
+                    t0 = time.perf_counter()
+                    counts = {}
+                    for n in nodes:
+                        v = LOSSES[n.variant]
+                        params = n.fn_params()
+                        c = n.agg_constant if getattr(n, "agg_constant", None) else constant
+                        counts[n.name] = count(v.mask(mini.columns, params), mini.get("group"), constant=c)
+                    micros = mini.split(worker.spec.micro_batch_size or len(mini))
+                    for i, micro in enumerate(micros):
+                        outputs = self._forward(worker, micro, {LOSSES[n.variant].needs for n in nodes}, temperature)
+                        cols = {**micro.tensors(), **outputs}
+                        total = 0.0
+                        for n in nodes:
+                            term = LOSSES[n.variant].fn(cols, counts[n.name], **n.fn_params())
+                            total = total + n.coef * term.loss
+                            for k, val in term.metrics.items():
+                                sums.setdefault(k, []).append(float(val))
+                        # DeepSpeed averages gradients over ranks; the loss is already a global mean
+                        worker.backward(total * dist.world_size(), last=i == len(micros) - 1)
+                    sums.setdefault(f"grad_norm/{model}", []).append(worker.step())
+                    key = "+".join(n.name for n in nodes)
+                    prev = times.get(key)
+                    dt = time.perf_counter() - t0
+                    times[key] = NodeTime(dt + (prev.seconds if prev else 0), len(mini) + (prev.rows if prev else 0),
+                                          _tokens(mini) + (prev.tokens if prev else 0))
+        out = {k: sum(v) / len(v) for k, v in sums.items()}
+        for model in losses_of:
+            out[f"lr/{model}"] = self.workers[model].lr()
+        return out
+
+    def _trains(self, model: str) -> bool:
+        return self.pipeline.models[model].train
+
+    def _agg_constant(self) -> float:
+        gen = self.graph.generate()
+        return float(gen.max_new_tokens) if gen else 1.0
+
+    def _forward(self, worker: Worker, micro: Batch, needs: set[str], temperature: float) -> dict[str, torch.Tensor]:
+        from rlflow.forward import response_logprobs, response_values, sequence_scores
+
+        args = (micro["prompt_ids"], micro["prompt_mask"], micro["response_ids"], micro["response_mask"])
+        out: dict[str, torch.Tensor] = {}
+        if "logprobs" in needs:
+            out["logprobs"] = response_logprobs(worker.engine, *args, temperature=temperature)
+        if "values" in needs:
+            out["new_values"] = response_values(worker.engine, *args)
+        if "scores" in needs:
+            out["scores"] = sequence_scores(worker.engine, *args)
+        return out
+
+    # --- evaluation, records, outputs -----------------------------------------------------------
+    def evaluate(self, step: int) -> Optional[float]:
+        """Held-out greedy accuracy of the policy (None when there is no eval split or rule)."""
+        ev = self.pipeline.eval
+        if ev is None or self.policy is None:
+            return None
+        rule = self._eval_rule()
+        rows = load_rows(self.pipeline.data, "eval")
+        if rule is None or not rows:
+            return None
+        from rlflow.forward import greedy_accuracy
+
+        rows = rows[: ev.size]
+        spec = self.pipeline.data
+        worker = self.workers[self.policy]
+        gen = self.graph.generate()
+        max_new = ev.max_new_tokens or (gen.max_new_tokens if gen else 16)
+        acc = greedy_accuracy(worker.module, worker.tokenizer, [r[spec.prompt_field] for r in rows],
+                              [str(r.get(getattr(spec, "answer_field", "answer"), "")) for r in rows], rule,
+                              max_new_tokens=max_new)
+        self.observer.evaluated(step, acc)
+        return acc
+
+    def _eval_rule(self):
+        if self.pipeline.data.source == "builtin:arith":
+            from rlflow.arith import exact_match
+
+            return exact_match
+        scores = [n for n in self.pipeline.nodes if n.kind == "score" and n.rules]
+        return next(iter(scores[0].rules.values())).fn if scores else None
+
+    def _record(self, step: int, batch: Batch, times: dict[str, NodeTime], metrics: dict[str, float], seconds: float) -> dict[str, Any]:
+        rec: dict[str, Any] = {"step": step, "seconds": round(seconds, 4), "rows": len(batch)}
+        if "rewards" in batch:
+            rec["reward/mean"] = float(batch["rewards"].float().mean())
+        if "response_mask" in batch:
+            rec["response_length/mean"] = float(batch["response_mask"].sum(-1).float().mean())
+        if "truncated" in batch:
+            rec["truncated/frac"] = float(batch["truncated"].float().mean())
+        rec.update({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()})
+        rec["nodes"] = {k: t.as_dict() for k, t in times.items()}
+        return rec
+
+    def _write(self, record: dict[str, Any], batch: Batch, n_samples: int = 4) -> None:
+        self.history.append(record)
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        if self.samples_file and "response" in batch:
+            for i in range(min(n_samples, len(batch))):
+                s = {"step": record["step"], "prompt": batch["prompt"][i], "response": batch["response"][i]}
+                if "answer" in batch:
+                    s["answer"] = batch["answer"][i]
+                if "rewards" in batch:
+                    s["reward"] = float(batch["rewards"][i])
+                self.samples_file.write(json.dumps(s) + "\n")
+            self.samples_file.flush()
+
+    def checkpoint(self, step: int) -> Path:
+        """checkpoints/step_N: weights, optimizer/DeepSpeed state, RNG and data position.
+
+        Written under a temporary name and renamed, so a kill never leaves a broken one.
+        """
+        final = self.out_dir / "checkpoints" / f"step_{step}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp, commit = atomic_dir(final)
+        for name, w in self.workers.items():
+            if w.trainable:
+                w.save_pretrained(tmp / name)
+                w.engine.save_checkpoint(str(tmp / name / "deepspeed"), tag="state")
+        torch.save({"step": step, "generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+                    "data": self.data.state()}, tmp / "state.pt")
+        if dist.rank() == 0:
+            commit()
+        return final
+
+    def save_final(self) -> None:
+        """final/: the policy as a directory ``from_pretrained`` loads; other trained models in final-<name>/."""
+        for name, w in self.workers.items():
+            if not w.trainable:
+                continue
+            target = self.out_dir / ("final" if name == self.policy or len(self._trained()) == 1 else f"final-{name}")
+            tmp, commit = atomic_dir(target)
+            w.save_pretrained(tmp)
+            if dist.rank() == 0:
+                commit()
+
+    def _trained(self) -> list[str]:
+        return [n for n, w in self.workers.items() if w.trainable]
+
+    def _summary(self, before: Optional[float], after: Optional[float], seconds: float) -> dict[str, Any]:
+        node_seconds: dict[str, list[float]] = {}
+        for rec in self.history:
+            for k, t in rec["nodes"].items():
+                node_seconds.setdefault(k, []).append(t["seconds"])
+        rewards = [r["reward/mean"] for r in self.history if "reward/mean" in r]
+        k = max(1, min(10, len(rewards) // 5))
+        return {
+            "pipeline": self.pipeline.name,
+            "steps": len(self.history),
+            "seconds": round(seconds, 2),
+            "eval/accuracy_before": before,
+            "eval/accuracy_after": after,
+            "reward/start": sum(rewards[:k]) / k if rewards else None,
+            "reward/end": sum(rewards[-k:]) / k if rewards else None,
+            "nodes": {n: {"total_s": round(sum(v), 3), "mean_s": round(sum(v) / len(v), 4)} for n, v in node_seconds.items()},
+            "out_dir": str(self.out_dir),
+        }
+
+    def close(self) -> None:
+        for f in (self.metrics_file, self.samples_file):
+            if f:
+                f.close()
+        self.metrics_file = self.samples_file = None

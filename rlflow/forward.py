@@ -1,0 +1,408 @@
+"""Model-facing maths the nodes share: encode, sample, score log-probs, read hidden states.
+
+Works with any Hugging Face causal LM (``AutoModelForCausalLM``: ``LlamaForCausalLM``,
+``GPT2LMHeadModel``, ...). Conventions (ALGORITHMS.md §0.1 and Part A §1–2):
+
+* Prompts are **left-padded**: ``prompt_ids [B, P]``, ``prompt_mask [B, P]`` (1 on real
+  tokens), so every prompt ends at column ``P-1`` and response token ``t`` sits at column
+  ``P+t`` of the concatenated sequence.
+* Responses are **right-padded**: ``response_ids [B, T]``, ``response_mask [B, T]``
+  (float, 1 on generated tokens *including* the EOS, 0 on every token after it).
+* Position ids are ``cumsum(attention_mask) - 1``, so a prompt's positions do not depend
+  on how much padding its batch needs.
+* Every log-prob is ``log_softmax(logits / temperature)`` over the full vocabulary at the
+  temperature the response was sampled with (greedy: temperature 1), so the first PPO
+  ratio is exactly 1. Top-k/top-p change which token is drawn, never its log-prob.
+
+KV cache: transformers 5 names the forward keyword ``cache`` (``past_key_values`` is
+deprecated and logs a warning). :func:`sample` takes the cache from the prefill output
+and passes it back under whichever of the two names ``model.forward`` declares, so it is
+warning-free on transformers 5 and still runs on 4.x.
+
+No function here switches the model between train and eval mode: each runs in the mode
+the caller left the model in (dropout, if any, stays as it is).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Rule = Callable[[str, dict], float]
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenisation
+# ---------------------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids ``[B, P]`` (long) and attention mask ``[B, P]`` (long).
+
+    Padding uses ``tokenizer.pad_token_id``; the tokenizer's own ``padding_side`` is not
+    changed (left padding is asked for in the call). Special tokens are added
+    (``add_special_tokens=True``) exactly as the tokenizer is configured to add them: a
+    Llama tokenizer prepends its BOS, GPT-2's and a bare character tokenizer add nothing.
+    That is how the model saw text in pre-training, so it is the sensible default; a
+    tokenizer configured to *append* EOS to every input should not be used for prompts.
+
+    Raises ``ValueError`` for an empty list or a tokenizer without a pad token.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode_prompts needs at least one prompt, got an empty list")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            "the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token) "
+            "before encoding batched prompts"
+        )
+    enc = tokenizer(
+        texts,
+        add_special_tokens=True,
+        padding=True,
+        padding_side="right",
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def decode(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Text of each response: the tokens under the mask, special tokens (EOS) skipped."""
+    lengths = (response_mask > 0).sum(dim=1).tolist()  # mask is a prefix of ones
+    rows = [ids[:n] for ids, n in zip(response_ids.tolist(), lengths)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _check_left_padded(prompt_mask: torch.Tensor) -> None:
+    if prompt_mask.dim() != 2 or prompt_mask.shape[1] == 0:
+        raise ValueError(f"prompt_mask must be [B, P] with P >= 1, got shape {tuple(prompt_mask.shape)}")
+    if not bool((prompt_mask[:, -1] > 0).all()):
+        raise ValueError(
+            "prompts must be left-padded with at least one real token per row: "
+            "the last column of prompt_mask has zeros"
+        )
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a 2-D attention mask: 0, 1, 2, ... over real tokens (padding → 0)."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _forward_params(model) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _cache_from(output):
+    """The KV cache of a model output, read under its transformers-5 name if present."""
+    if "cache" in output:  # ModelOutput.__contains__; no deprecation warning
+        return output["cache"]
+    return output["past_key_values"]
+
+
+def _token_logprob(scaled_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(scaled_logits)[tokens] as gather - logsumexp, without a [.., V] log-softmax."""
+    chosen = scaled_logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - scaled_logits.logsumexp(dim=-1)
+
+
+def _filter_top_k_top_p(scaled_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set the logits of tokens outside the top-k, then outside the top-p nucleus, to -inf.
+
+    Order as in Hugging Face ``generate`` (temperature → top-k → top-p); the nucleus is the
+    smallest set of most-likely tokens whose (top-k renormalised) mass reaches ``top_p``,
+    and always holds the most likely token.
+    """
+    logits = scaled_logits  # [B, V]
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [B, V]
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # first token has mass_before 0 < top_p: kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sampled:
+    """A batch of generated responses (ALGORITHMS.md §0.1).
+
+    response_ids:  [B, T] long, right-padded with ``pad_token_id`` after the EOS.
+    response_mask: [B, T] float, 1 on generated tokens including the EOS, 0 after.
+    logprobs:      [B, T] float, log π(a_t|s_t) of ``logits / temperature`` over the full
+                   vocabulary (not the top-k/top-p truncated one); greedy uses
+                   temperature 1; 0 on padding.
+    truncated:     [B] bool, True where no EOS was generated within ``max_new_tokens``.
+    """
+
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    truncated: torch.Tensor
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Sampled:
+    """Batched autoregressive sampling with a KV cache.
+
+    One prefill forward over the left-padded prompts, then one forward of ``[B, 1]`` per
+    new token against the cache. A row stops at its first EOS (which it keeps, with its
+    log-prob and mask 1); later columns of that row are ``pad_token_id`` with mask 0 and
+    log-prob 0. The loop ends when every row is done or after ``max_new_tokens`` steps,
+    so ``T`` is the longest response actually generated.
+
+    ``greedy=True`` takes the argmax and reports log-probs at temperature 1 (``temperature``,
+    ``top_k`` and ``top_p`` are ignored). Otherwise the token is drawn from
+    ``softmax(filter(logits / temperature))`` with ``torch.multinomial(..., generator=generator)``:
+    every random draw comes from ``generator`` (the global RNG when it is None), so a seeded
+    generator gives identical samples. ``top_k=0`` and ``top_p=1`` disable those filters.
+
+    Inputs must already be on the model's device. Runs under ``torch.no_grad``.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    _check_left_padded(prompt_mask)
+
+    params = _forward_params(model)
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    prefill_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    scale = 1.0 if greedy else float(temperature)
+
+    batch = prompt_ids.shape[0]
+    device = prompt_ids.device
+    attention = prompt_mask.long()  # [B, P], grows by one column per step
+    first_position = attention.sum(dim=1)  # [B] position id of response token 0
+
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=attention,
+        position_ids=_positions(attention),
+        use_cache=True,
+        **prefill_extra,
+    )
+    cache = _cache_from(out)
+    logits = out.logits[:, -1, :].float()  # [B, V] predicts response token 0
+
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
+    ids_steps, lp_steps, mask_steps = [], [], []
+    for step in range(max_new_tokens):
+        scaled = logits / scale  # [B, V]
+        if greedy:
+            token = scaled.argmax(dim=-1)
+        else:
+            probs = _filter_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        live = ~done  # rows still generating: this token is theirs (EOS included)
+        token = torch.where(live, token, pad)
+        lp = torch.where(live, _token_logprob(scaled, token), 0.0)  # full-vocab log-prob
+        ids_steps.append(token)
+        lp_steps.append(lp)
+        mask_steps.append(live)
+        done = done | (live & (token == eos_token_id))
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
+        out = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=attention,
+            position_ids=(first_position + step).unsqueeze(1),
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        cache = _cache_from(out)
+        logits = out.logits[:, -1, :].float()
+
+    return Sampled(
+        response_ids=torch.stack(ids_steps, dim=1),
+        response_mask=torch.stack(mask_steps, dim=1).float(),
+        logprobs=torch.stack(lp_steps, dim=1),
+        truncated=~done,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring a given response
+# ---------------------------------------------------------------------------------------
+
+
+def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
+    """Prompt+response ids, attention mask and position ids, each [B, P+T]."""
+    _check_left_padded(prompt_mask)
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention = torch.cat([prompt_mask.long(), (response_mask > 0).long()], dim=1)
+    return ids, attention, _positions(attention)
+
+
+def response_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``[B, T]`` log-probs of the response tokens under ``model``, 0 on padding.
+
+    One forward over prompt+response; the logits at column ``P+t-1`` predict response
+    token ``t``; they are divided by ``temperature`` and the token's log-prob is taken as
+    ``logit - logsumexp(logits)`` (no ``[B, T, V]`` log-softmax). Only the last ``T+1``
+    positions' logits are computed when the model accepts ``logits_to_keep``. Carries
+    gradient when called with grad enabled; returns float32 whatever the model dtype.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    n_resp = response_ids.shape[1]
+    extra = {"logits_to_keep": n_resp + 1} if "logits_to_keep" in _forward_params(model) else {}
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, **extra)
+    logits = out.logits[:, -(n_resp + 1) : -1, :].float() / temperature  # [B, T, V]
+    lp = _token_logprob(logits, response_ids)  # [B, T]
+    return torch.where(response_mask > 0, lp, 0.0)
+
+
+def _last_hidden(model, ids, attention, positions) -> torch.Tensor:
+    """Final-layer hidden states [B, L, H] from the base model (after its final norm).
+
+    ``model.base_model`` is the transformer without the LM head (``model.model`` for
+    Llama, ``model.transformer`` for GPT-2); its ``last_hidden_state`` is exactly what
+    the LM head reads, so no logits are computed. A bare base model works too.
+    """
+    base = getattr(model, "base_model", model)
+    out = base(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
+    return out.last_hidden_state
+
+
+def response_hidden_states(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, T, H]`` hidden state of the state ``s_t`` each response token is chosen from.
+
+    Entry ``t`` is the last-layer (post final norm) hidden state at column ``P+t-1`` of the
+    prompt+response sequence, the position whose logits predict token ``t``; this is what
+    a value head reads for ``V(s_t)`` (ALGORITHMS.md §0.1 "Values", verl's ``[-T-1:-1]``).
+    Read from ``model.base_model`` (see ``_last_hidden``). Entries on padding are whatever
+    the model computes there; mask them. Carries gradient when grad is enabled.
+    """
+    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    n_prompt, n_resp = prompt_ids.shape[1], response_ids.shape[1]
+    # The last response token is never read (no state follows it here): drop it.
+    keep = n_prompt + max(n_resp - 1, 0)
+    hidden = _last_hidden(model, ids[:, :keep], attention[:, :keep], positions[:, :keep])  # [B, P+T-1, H]
+    return hidden[:, n_prompt - 1 : n_prompt - 1 + n_resp, :]
+
+
+def last_token_hidden_state(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, H]`` hidden state at the last valid response token, after it is read.
+
+    Column ``P + L_i - 1`` with ``L_i = Σ_t response_mask[i, t]`` (the EOS when there is
+    one, else the last token of a truncated response), for a scalar reward head. A row
+    with an empty response falls back to the last prompt token. Read from
+    ``model.base_model`` (see ``_last_hidden``).
+    """
+    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    hidden = _last_hidden(model, ids, attention, positions)  # [B, P+T, H]
+    last = prompt_ids.shape[1] + (response_mask > 0).sum(dim=1) - 1  # [B]
+    index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return hidden.gather(1, index).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------
+
+
+def greedy_accuracy(
+    model,
+    tokenizer,
+    prompts: list[str],
+    answers: list[str],
+    rule: Rule,
+    *,
+    max_new_tokens: int,
+    batch_size: int = 256,
+) -> float:
+    """Fraction of prompts whose greedy response scores ``> 0.5`` under ``rule``.
+
+    ``rule(response_text, {"answer": answer, "prompt": prompt})`` is called once per
+    prompt on the response decoded with ``skip_special_tokens=True``. Prompts go through
+    :func:`encode_prompts` and :func:`sample` (greedy) in chunks of ``batch_size``, on the
+    device of the model's parameters, in whatever train/eval mode the model is in.
+    """
+    prompts, answers = list(prompts), list(answers)
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if not prompts:
+        raise ValueError("greedy_accuracy needs at least one prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; greedy decoding cannot stop")
+    device = next(model.parameters()).device
+    hits = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk_prompts = prompts[start : start + batch_size]
+        chunk_answers = answers[start : start + batch_size]
+        ids, mask = encode_prompts(tokenizer, chunk_prompts)
+        out = sample(
+            model,
+            ids.to(device),
+            mask.to(device),
+            max_new_tokens=max_new_tokens,
+            greedy=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = decode(tokenizer, out.response_ids, out.response_mask)
+        for text, answer, prompt in zip(texts, chunk_answers, chunk_prompts):
+            hits += float(rule(text, {"answer": answer, "prompt": prompt})) > 0.5
+    return hits / len(prompts)

@@ -1,0 +1,258 @@
+"""The graph layer: a pipeline's dataflow as a ``networkx.DiGraph``, and its static checks.
+
+Edges follow from the columns each node reads and writes (names wire the graph). The
+data source is the node ``data``. Every check runs before any model is loaded, all
+problems are reported at once, and each has a stable code. No torch import.
+
+A ``Filter`` node removes rows: every experience node that does not feed it runs after
+it (so work downstream of a filter is done on the kept rows only), and the engine
+re-runs the filter's ancestors on fresh prompts when it keeps too few groups.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import networkx as nx
+
+from rlflow.spec import AdvantageSpec, Generate, LossSpec, Node, Pipeline
+
+DATA = "data"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of validation. ``severity`` is "error" or "warning"."""
+
+    code: str
+    node: str
+    field: str
+    message: str
+    expected: str = ""
+    found: str = ""
+    hint: str = ""
+    severity: str = "error"
+
+    def line(self) -> str:
+        parts = [f"{self.code} {self.severity}: node {self.node!r}, field {self.field!r}: {self.message}"]
+        if self.expected or self.found:
+            parts.append(f"(expected {self.expected or '-'}, found {self.found or '-'})")
+        if self.hint:
+            parts.append(self.hint)
+        return " ".join(parts)
+
+
+# The catalogue of codes: the tests assert these, so they never change meaning.
+CODES = {
+    "RF001": "duplicate node name",
+    "RF002": "cycle in the graph",
+    "RF003": "column read but never written",
+    "RF004": "column written by two nodes",
+    "RF005": "model not declared",
+    "RF006": "trainable model with no Loss",
+    "RF007": "Loss on a frozen model",
+    "RF008": "column level mismatch",
+    "RF009": "group-based advantage fed by one sample per prompt",
+    "RF010": "node output never read",
+    "RF011": "model head does not fit the node",
+    "RF012": "Generate missing or ambiguous for a node that needs its settings",
+}
+
+# Columns the engine consumes itself (metrics, samples), so writing them unread is fine.
+_ENGINE_READS = {"response", "truncated", "rewards", "answer", "prompt", "old_logprobs", "group", "greedy_response"}
+
+_HEAD_OF_NEED = {"logprobs": "lm", "values": "value", "scores": "reward"}
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, sorted(options), n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass
+class PipelineGraph:
+    """The validated shape of a pipeline: graph, order, and the problems found."""
+
+    pipeline: Pipeline
+    graph: nx.DiGraph
+    problems: list[Problem] = field(default_factory=list)
+    writer: dict[str, str] = field(default_factory=dict)  # column -> node that writes it
+    levels: dict[str, str] = field(default_factory=dict)  # column -> level
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def order(self) -> list[str]:
+        """Node names in execution order (deterministic: declaration order breaks ties)."""
+        pos = {n.name: i for i, n in enumerate(self.pipeline.nodes)}
+        pos[DATA] = -1
+        return [n for n in nx.lexicographical_topological_sort(self.graph, key=lambda n: pos[n]) if n != DATA]
+
+    def experience_order(self) -> list[Node]:
+        return [self.node(n) for n in self.order() if self.node(n).stage == "experience"]
+
+    def loss_nodes(self) -> list[LossSpec]:
+        return [n for n in self.pipeline.nodes if isinstance(n, LossSpec)]
+
+    def node(self, name: str) -> Node:
+        return self.pipeline.node(name)
+
+    def generate(self) -> Optional[Generate]:
+        gens = [n for n in self.pipeline.nodes if isinstance(n, Generate)]
+        return gens[0] if len(gens) == 1 else None
+
+    def upstream(self, name: str) -> set[str]:
+        return nx.ancestors(self.graph, name) - {DATA}
+
+    def stages(self) -> list[list[str]]:
+        """Nodes grouped by depth: nodes within one stage have no path between them."""
+        g = self.graph.subgraph([n for n in self.graph if n != DATA])
+        return [sorted(gen) for gen in nx.topological_generations(g)] if nx.is_directed_acyclic_graph(g) else []
+
+
+def build(pipeline: Pipeline) -> PipelineGraph:
+    """Build the graph of ``pipeline`` and run every static check."""
+    g = nx.DiGraph()
+    pg = PipelineGraph(pipeline=pipeline, graph=g)
+    problems = pg.problems
+    g.add_node(DATA, kind=pipeline.data.kind, source=pipeline.data.source)
+
+    # names
+    seen: set[str] = set()
+    for n in pipeline.nodes:
+        if n.name in seen:
+            problems.append(Problem("RF001", n.name, "name", "two nodes have this name", "unique names", n.name,
+                                    f"pass name='{n.name}_2' (or another) to one of them"))
+        seen.add(n.name)
+        g.add_node(n.name, kind=n.kind, stage=n.stage)
+
+    # writers
+    writes: dict[str, list[tuple[str, str]]] = {}
+    for col, lvl in pipeline.data.writes().items():
+        writes.setdefault(col, []).append((DATA, lvl))
+    for n in pipeline.nodes:
+        for col, lvl in n.writes().items():
+            writes.setdefault(col, []).append((n.name, lvl))
+    for col, ws in writes.items():
+        pg.writer[col], pg.levels[col] = ws[0]
+        if len(ws) > 1:
+            names = [w for w, _ in ws]
+            problems.append(Problem("RF004", names[1], col, f"column {col!r} is written by {', '.join(names)}",
+                                    "one writer per column", ", ".join(names)))
+
+    # edges from reads
+    read_cols: set[str] = set()
+    for n in pipeline.nodes:
+        for col, lvl in n.reads().items():
+            read_cols.add(col)
+            if col not in pg.writer:
+                problems.append(Problem("RF003", n.name, col, f"reads column {col!r} that no node writes",
+                                        f"a node writing {col!r}", "none", _did_you_mean(col, pg.writer)))
+                continue
+            src = pg.writer[col]
+            if pg.levels[col] != lvl:
+                problems.append(Problem("RF008", n.name, col, f"reads {col!r} at level {lvl!r} but {src!r} writes it at level {pg.levels[col]!r}",
+                                        lvl, pg.levels[col]))
+            if src == n.name:
+                continue
+            if g.has_edge(src, n.name):
+                g.edges[src, n.name]["columns"].append(col)
+            else:
+                g.add_edge(src, n.name, columns=[col])
+
+    # a Filter runs before every experience node that does not feed it
+    for f in pipeline.nodes:
+        if f.kind != "filter" or f.name not in g:
+            continue
+        feeds = nx.ancestors(g, f.name) if nx.is_directed_acyclic_graph(g) else set()
+        for n in pipeline.nodes:
+            if n.name != f.name and n.stage == "experience" and n.name not in feeds and not g.has_edge(f.name, n.name):
+                g.add_edge(f.name, n.name, columns=["(rows)"])
+
+    try:
+        cycle = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        cycle = None
+    if cycle:
+        path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+        cols = sorted({c for u, v in cycle for c in g.edges[u, v].get("columns", [])})
+        problems.append(Problem("RF002", cycle[0][0], ",".join(cols), f"cycle: {path}", "a DAG", path))
+
+    _check_models(pipeline, pg)
+    _check_groups(pipeline, pg)
+
+    # unused outputs (warnings)
+    loss_reads = set().union(*(n.reads() for n in pipeline.nodes)) if pipeline.nodes else set()
+    for n in pipeline.nodes:
+        for col in n.writes():
+            if col not in loss_reads and col not in _ENGINE_READS and pg.writer.get(col) == n.name:
+                problems.append(Problem("RF010", n.name, col, f"writes {col!r} that no node reads", severity="warning"))
+    return pg
+
+
+def _check_models(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    problems = pg.problems
+    declared = pipeline.models
+    trained_by_loss: set[str] = set()
+    for n in pipeline.nodes:
+        for fld, ref in n.model_refs().items():
+            if ref not in declared:
+                problems.append(Problem("RF005", n.name, fld, f"uses model {ref!r}, which the pipeline does not declare",
+                                        f"one of {sorted(declared)}", ref, _did_you_mean(ref, declared)))
+                continue
+            spec = declared[ref]
+            if isinstance(n, LossSpec):
+                trained_by_loss.add(ref)
+                if not spec.train:
+                    problems.append(Problem("RF007", n.name, fld, f"Loss on model {ref!r}, which is frozen",
+                                            "a model with train=True", "train=False",
+                                            f"declare Model(..., train=True) for {ref!r}, or point the loss at a trainable model"))
+                need = _HEAD_OF_NEED[n.needs]
+                if spec.head != need:
+                    problems.append(Problem("RF011", n.name, fld, f"Loss {n.variant!r} needs {n.needs} from a model with head={need!r}",
+                                            f"head={need!r}", f"head={spec.head!r}"))
+            elif n.kind in ("generate", "ref_logprob") and spec.head != "lm":
+                problems.append(Problem("RF011", n.name, fld, f"{n.kind} needs a language model", "head='lm'", f"head={spec.head!r}"))
+            elif n.kind == "value" and spec.head != "value":
+                problems.append(Problem("RF011", n.name, fld, "Value needs a critic", "head='value'", f"head={spec.head!r}",
+                                        "declare it as actor.critic() or Model(..., head='value')"))
+            elif n.kind == "score" and spec.head != "reward":
+                problems.append(Problem("RF011", n.name, fld, "Score with a model needs a reward model", "head='reward'", f"head={spec.head!r}"))
+    for name, spec in declared.items():
+        if spec.train and name not in trained_by_loss:
+            problems.append(Problem("RF006", name, "train", f"model {name!r} is trainable but no Loss node trains it",
+                                    f"a Loss(..., model={name!r})", "none", "add a Loss node or declare it frozen"))
+
+
+def _check_groups(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    """Group baselines need more than one sample per prompt (ALGORITHMS.md Part A §4)."""
+    for n in pipeline.nodes:
+        if isinstance(n, AdvantageSpec) and n.group_based:
+            gens = [pipeline.node(a) for a in _ancestors(pg, n.name) if pipeline.node(a).kind == "generate"]
+            for gen in gens:
+                if gen.n < 2:
+                    pg.problems.append(Problem("RF009", n.name, "variant",
+                                               f"{n.variant!r} needs a group baseline, but {gen.name!r} samples n={gen.n} per prompt",
+                                               "n >= 2", f"n={gen.n}", f"set {gen.name}.n >= 2, or use a variant without a group baseline"))
+    needs_gen = [n for n in pipeline.nodes if isinstance(n, LossSpec) and getattr(n, "agg", None) == "seq-mean-token-sum-norm"
+                 and getattr(n, "agg_constant", None) is None]
+    gens = [n for n in pipeline.nodes if isinstance(n, Generate)]
+    for n in needs_gen:
+        if len(gens) != 1:
+            pg.problems.append(Problem("RF012", n.name, "agg_constant",
+                                       "seq-mean-token-sum-norm takes C from Generate.max_new_tokens, but there is no single Generate node",
+                                       "one Generate node or agg_constant=C", f"{len(gens)} Generate nodes"))
+
+
+def _ancestors(pg: PipelineGraph, name: str) -> set[str]:
+    try:
+        return pg.upstream(name)
+    except nx.NetworkXError:
+        return set()

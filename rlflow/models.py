@@ -1,0 +1,212 @@
+"""Model workers: load a model by name, place it with DeepSpeed, run its forwards.
+
+Every model goes through DeepSpeed: trainable ones through ``deepspeed.initialize``
+with an AdamW optimizer (ZeRO stage, precision, offload and gradient clipping from the
+``Model`` spec), frozen ones through ``deepspeed.init_inference``. On a machine with no
+GPU DeepSpeed's CPU accelerator and the gloo backend are used; a single process gets its
+rank/world environment set here so that DeepSpeed does not look for MPI.
+
+``Model.path`` is a Hugging Face id, a local directory, or ``builtin:tiny-arith`` (built
+and cached on first use). All three go through the same ``from_pretrained`` calls.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from rlflow.spec import Model
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be found or loaded (reported without a traceback)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLFLOW_CACHE", Path.home() / ".cache" / "rlflow"))
+
+
+BUILTIN_MODELS = ("tiny-arith",)
+
+
+def check_path(path: str) -> Optional[str]:
+    """Why ``path`` cannot name a model, or None. Cheap: loads nothing."""
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        return None if name in BUILTIN_MODELS else f"unknown built-in model {path!r}; known: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}"
+    p = Path(path).expanduser()
+    if p.exists():
+        return None if (p / "config.json").exists() else f"{path!r} is a directory without a config.json (not a saved Hugging Face model)"
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(("/",))
+    if looks_local:
+        return f"model path {path!r} does not exist"
+    return None  # a Hugging Face id: it may be in the local cache
+
+
+def resolve(path: str, *, on_build: Optional[Callable[[str], None]] = None) -> str:
+    """A directory or hub id that ``from_pretrained`` can load; builds built-ins on first use."""
+    problem = check_path(path)
+    if problem:
+        raise ModelLoadError(problem)
+    if path.startswith("builtin:"):
+        from rlflow.builtin import ensure_builtin
+
+        return str(ensure_builtin(path.split(":", 1)[1], on_build=on_build))
+    return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
+
+
+def setup_distributed() -> None:
+    """Initialise torch.distributed for DeepSpeed (gloo on CPU), once per process."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a free port, so parallel single-process runs do not collide
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False)
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_module(spec: Model, path: str):
+    """The bare Hugging Face module for ``spec.head``: causal LM, token values, or sequence score."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    kw: dict[str, Any] = {"dtype": _dtype(spec.precision)}
+    try:
+        if spec.head == "lm":
+            return AutoModelForCausalLM.from_pretrained(path, **kw)
+        if spec.head == "value":
+            # a scalar per position; the dropout of the classification head is switched off
+            return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, classifier_dropout=0.0, **kw)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load model {spec.path!r} from {path!r}: {str(e).splitlines()[0]}") from e
+
+
+@dataclass
+class Worker:
+    """One placed model: its DeepSpeed engine, the bare module, and its tokenizer."""
+
+    name: str
+    spec: Model
+    engine: Any  # DeepSpeedEngine (trainable) or InferenceEngine (frozen)
+    module: Any  # the Hugging Face module inside the engine
+    tokenizer: Any
+    path: str
+
+    @property
+    def trainable(self) -> bool:
+        return self.spec.train
+
+    def forward(self, **kw):
+        return self.engine(**kw)
+
+    def backward(self, loss, *, last: bool) -> None:
+        """Accumulate gradients of one micro-batch; ``last`` marks the mini-batch boundary."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        """One optimizer step; returns the gradient norm before clipping (0 if unknown)."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def lr(self) -> float:
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    def save_pretrained(self, directory: Path) -> None:
+        """The model (and tokenizer) as a directory ``from_pretrained`` can load."""
+        directory.mkdir(parents=True, exist_ok=True)
+        state = None
+        if self.spec.zero_stage == 3 and self.trainable:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        self.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+
+def place(name: str, spec: Model, *, steps: int, on_build: Optional[Callable[[str], None]] = None, shared: Optional[dict] = None) -> Worker:
+    """Load ``spec`` and wrap it with DeepSpeed. ``shared`` caches tokenizers by path."""
+    import deepspeed
+    import torch
+
+    setup_distributed()
+    path = resolve(spec.path, on_build=on_build)
+    tokenizer = (shared or {}).get(path) or load_tokenizer(path)
+    if shared is not None:
+        shared[path] = tokenizer
+    module = load_module(spec, path)
+    if spec.head != "lm" and module.config.pad_token_id is None:
+        module.config.pad_token_id = tokenizer.pad_token_id
+    if not spec.train:
+        module.eval()
+        module.requires_grad_(False)
+        engine = deepspeed.init_inference(module, dtype=_dtype(spec.precision), replace_with_kernel_inject=False)
+        return Worker(name, spec, engine, engine.module, tokenizer, path)
+
+    module.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    warm = spec.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,  # the engine splits micro-batches itself
+        "gradient_accumulation_steps": 1,  # and marks the accumulation boundary itself
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "fp16": {"enabled": spec.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if spec.grad_clip:
+        config["gradient_clipping"] = spec.grad_clip
+    if spec.offload and spec.zero_stage > 0:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
+    return Worker(name, spec, engine, engine.module, tokenizer, path)
+
+
+def atomic_dir(final: Path) -> tuple[Path, Callable[[], None]]:
+    """A temporary sibling of ``final`` and a function that renames it into place."""
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+    def commit() -> None:
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+
+    return tmp, commit

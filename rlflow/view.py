@@ -1,0 +1,212 @@
+"""What the terminal shows: the graph, the live per-node table, the summary.
+
+The terminal observes; it does not steer. The engine emits events to an ``Observer``;
+these renderers are pure functions from state to a rich renderable, and ``LiveView``
+redraws them. Only rank 0 prints; output is plain lines when stdout is not a TTY.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from rlflow.graph import DATA, PipelineGraph, Problem
+
+# parameters worth showing in the graph, per node kind (the rest are in `rlflow graph --all`)
+_KEY_PARAMS = {
+    "generate": ("n", "max_new_tokens", "temperature", "top_p", "greedy_baseline"),
+    "score": ("rules", "model", "overlong_buffer"),
+    "advantage": ("gamma", "lam", "lambda_critic", "length_alpha", "eps", "whiten", "kl_coef"),
+    "loss": ("eps", "eps_low", "eps_high", "dual_clip", "eps_v", "beta", "kl_coef", "kl", "agg", "where", "coef"),
+    "filter": ("metric", "target_groups", "max_rounds"),
+}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(v) + "}"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def node_label(node) -> str:
+    kind = node.kind + (f":{node.variant}" if hasattr(node, "variant") else "")
+    model = getattr(node, "model", None)
+    return f"{node.name} [{kind}]" + (f" @{model}" if model else "")
+
+
+def node_params(node, everything: bool = False) -> str:
+    params = node.params()
+    keys = params if everything else [k for k in _KEY_PARAMS.get(node.kind, ()) if k in params]
+    shown = []
+    for k in keys:
+        v = params[k]
+        if v is None or v is False or (k == "kl_coef" and v == 0) or (k == "coef" and v == 1.0) or (k == "rules" and not v):
+            continue
+        if k in ("variant", "model"):
+            continue
+        shown.append(f"{k}={_fmt(v)}")
+    return " ".join(shown)
+
+
+def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
+    """The DAG as a tree of stages: each node with its kind, model, key parameters, and
+    the columns on its incoming edges (``col ← producer``)."""
+    p = pg.pipeline
+    root = Tree(Text.assemble((p.name, "bold"), f"  {len(p.nodes)} nodes, {len(p.models)} models"
+                              + (f" — {p.description}" if p.description else "")))
+    models = root.add(Text("models", style="bold"))
+    for name, m in p.models.items():
+        flags = "trainable" + (f" lr={m.lr:g}" if m.train else "") if m.train else "frozen"
+        models.add(f"{name}: {m.path}  head={m.head} {flags} ZeRO-{m.zero_stage} {m.precision}")
+    data = root.add(Text.assemble(("data", "bold"), f" [{p.data.kind}] {p.data.source} batch_size={p.data.batch_size}"))
+    data.add(Text("writes " + ", ".join(p.data.writes()), style="dim"))
+    stages = pg.stages()
+    loop = Text(f"update: {p.ppo_epochs} epoch(s) x {p.mini_batches} mini-batch(es)", style="bold")
+    for i, stage in enumerate(stages):
+        names = [n for n in stage]
+        is_update = all(pg.node(n).stage == "update" for n in names)
+        branch = root.add(loop if is_update and i == len(stages) - 1 else Text(f"stage {i + 1}", style="bold"))
+        for name in names:
+            node = pg.node(name)
+            t = branch.add(Text.assemble((node_label(node), "cyan"), "  ", node_params(node, everything)))
+            for src, _, d in sorted(pg.graph.in_edges(name, data=True)):
+                if src == DATA and not everything:
+                    t.add(Text(f"← data: {', '.join(d['columns'])}", style="dim"))
+                else:
+                    t.add(Text(f"← {src}: {', '.join(d['columns'])}", style="dim"))
+            if node.kind == "filter" and getattr(node, "target_groups", None):
+                up = sorted(pg.upstream(name))
+                t.add(Text(f"↺ refills: re-runs {', '.join(up)} on fresh prompts until {node.target_groups} groups "
+                           f"(at most {node.max_rounds} rounds)", style="yellow"))
+    phases = getattr(p, "phases", None) or []
+    if phases:
+        ph = root.add(Text("phases", style="bold"))
+        for phase in phases:
+            ph.add(f"steps {phase.start + 1}-{phase.start + phase.steps}: trains only {', '.join(phase.train)}")
+    return root
+
+
+def render_problems(problems: list[Problem], file: str = "") -> Text:
+    errors = [p for p in problems if p.severity == "error"]
+    warns = [p for p in problems if p.severity != "error"]
+    out = Text()
+    head = f"{file}: " if file else ""
+    if errors:
+        out.append(f"{head}{len(errors)} problem{'s' if len(errors) != 1 else ''}" + (f", {len(warns)} warning(s)" if warns else "") + "\n", style="bold red")
+    for p in errors + warns:
+        out.append(f"  {p.line()}\n", style="red" if p.severity == "error" else "yellow")
+    return out
+
+
+def timing_table(nodes: dict[str, dict[str, float]], title: str = "per-node time (last step)") -> Table:
+    """seconds, share of the step, rows and tokens/s per node: a pure function of a record."""
+    total = sum(t["seconds"] for t in nodes.values()) or 1.0
+    table = Table(title=title, title_justify="left", expand=False)
+    for col, justify in (("node", "left"), ("seconds", "right"), ("share", "right"), ("rows", "right"), ("tokens/s", "right")):
+        table.add_column(col, justify=justify)
+    for name, t in nodes.items():
+        table.add_row(name, f"{t['seconds']:.3f}", f"{100 * t['seconds'] / total:4.1f}%", str(t["rows"]),
+                      f"{t['tokens_per_s']:.0f}" if t.get("tokens_per_s") else "-")
+    return table
+
+
+def _headline(rec: dict[str, Any]) -> str:
+    keys = ("reward/mean", "loss/pg", "loss/value", "loss/nll", "loss/dpo", "loss/rm", "kl/mean", "clip_frac", "response_length/mean", "eval/accuracy")
+    parts = [f"step {rec['step']}"] + [f"{k}={rec[k]:.4g}" for k in keys if isinstance(rec.get(k), (int, float))]
+    parts.append(f"{rec['seconds']:.2f}s")
+    return "  ".join(parts)
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"{summary['pipeline']}: {summary['steps']} steps in {summary['seconds']:.1f}s", title_justify="left")
+    table.add_column("node")
+    table.add_column("total s", justify="right")
+    table.add_column("mean s/step", justify="right")
+    table.add_column("share", justify="right")
+    total = sum(v["total_s"] for v in summary["nodes"].values()) or 1.0
+    for name, v in summary["nodes"].items():
+        table.add_row(name, f"{v['total_s']:.2f}", f"{v['mean_s']:.3f}", f"{100 * v['total_s'] / total:.1f}%")
+    return table
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    out = []
+    if summary.get("reward/start") is not None:
+        out.append(f"reward: {summary['reward/start']:.3f} at the start -> {summary['reward/end']:.3f} at the end")
+    b, a = summary.get("eval/accuracy_before"), summary.get("eval/accuracy_after")
+    if b is not None and a is not None:
+        out.append(f"held-out greedy accuracy: {100 * b:.1f}% before -> {100 * a:.1f}% after ({100 * (a - b):+.1f} points)")
+    out.append(f"outputs in {summary['out_dir']}")
+    return out
+
+
+class LiveView:
+    """The engine's observer for the terminal: live table + progress on a TTY, plain lines otherwise."""
+
+    def __init__(self, console: Optional[Console] = None, *, steps: int, every: int = 0, enabled: bool = True):
+        self.console = console or Console()
+        self.steps = steps
+        self.enabled = enabled
+        self.tty = self.console.is_terminal
+        self.every = every or (1 if self.tty else max(1, steps // 20))
+        self.live: Optional[Live] = None
+        self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=self.console)
+        self.task = self.progress.add_task("steps", total=steps)
+        self.last: Optional[dict[str, Any]] = None
+        self.t0 = time.perf_counter()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, markup=False, highlight=False)
+
+    def start(self, run) -> None:
+        if self.enabled and self.tty:
+            self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+
+    def _render(self):
+        parts: list[Any] = [self.progress]
+        if self.last:
+            parts.append(Text(_headline(self.last)))
+            parts.append(timing_table(self.last["nodes"]))
+        return Group(*parts)
+
+    def evaluated(self, step: int, accuracy: float) -> None:
+        if self.enabled and accuracy is not None:
+            line = f"eval at step {step}: held-out greedy accuracy {100 * accuracy:.1f}%"
+            (self.live.console.print(line) if self.live else self.message(line))
+
+    def step(self, step: int, record: dict[str, Any]) -> None:
+        self.last = record
+        self.progress.update(self.task, completed=step)
+        if not self.enabled:
+            return
+        if self.live:
+            self.live.update(self._render())
+        elif step % self.every == 0 or step == self.steps:
+            self.console.print(_headline(record), markup=False, highlight=False)
+
+    def end(self, summary: dict[str, Any]) -> None:
+        if self.live:
+            self.live.stop()
+            self.live = None
+        if self.enabled:
+            self.console.print(summary_table(summary))
+            for line in summary_lines(summary):
+                self.console.print(line, markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self.live:
+            self.live.stop()
+            self.live = None
