@@ -44,7 +44,8 @@ class LossVariant:
     fn: Callable[..., LossTerm]  # fn(cols, counts, **params) -> LossTerm
     needs: str  # the model output it needs: "logprobs" | "values" | "scores"
     reads: Callable[[dict], set[str]]  # params -> batch columns it reads (model outputs not counted)
-    mask: Callable[[Mapping[str, torch.Tensor], dict], torch.Tensor] = _response_mask  # (cols, params) -> mask to count and aggregate over
+    # (cols, params) -> the effective mask, [B,T] ([B,1] for bradley_terry), to count and aggregate over
+    mask: Callable[[Mapping[str, torch.Tensor], dict], torch.Tensor] = _response_mask
 
 
 LOSSES: Registry[LossVariant] = Registry("loss")
@@ -208,7 +209,7 @@ def value(
     v_old = cols["values"]  # [B,T]
     ret = cols["returns"]  # [B,T]
     mask = cols["response_mask"]  # [B,T]
-    v_clip = v_new.clamp(v_old - eps_v, v_old + eps_v).detach()  # [B,T]
+    v_clip = v_old + (v_new - v_old).clamp(-eps_v, eps_v)  # [B,T]
     unclipped = (v_new - ret) ** 2  # [B,T]
     clipped = (v_clip - ret) ** 2  # [B,T]
     per_token = 0.5 * torch.maximum(unclipped, clipped)  # [B,T]
@@ -250,7 +251,7 @@ def nll(
     where: Literal["all", "correct"] = "all",
     coef: float = 1.0,
 ) -> LossTerm:
-    """Negative log-likelihood of the responses: SFT, and VAPO's L_NTP (ALGORITHMS.md §8.6).
+    """Negative log-likelihood of the responses: SFT, and VAPO's L_NTP (ALGORITHMS.md §8, item 6).
 
         loss = -coef · aggregate(lp, mask', agg)
         mask' = response_mask                      where="all"
@@ -350,7 +351,7 @@ def bradley_terry(cols: Mapping[str, torch.Tensor], counts: Counts) -> LossTerm:
     s = cols["scores"]  # [B] grad
     s_w, s_l = _by_pair(s, _pairs(cols["group"], cols["chosen"], "bradley_terry"))  # [P], [P]
     margin = s_w - s_l  # [P]
-    per_pair = F.softplus(margin)  # [P] = -log σ(margin), stable
+    per_pair = F.softplus(-margin)  # [P] = -log σ(margin), stable
     loss = per_pair.sum() / max(counts.groups, 1.0)
     with torch.no_grad():
         metrics = _floats(

@@ -25,7 +25,8 @@ EXIT_USAGE = 2
 
 
 def _console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    # messages on stderr are never hard-wrapped, so they can be grepped whole
+    return Console(stderr=stderr, highlight=False, soft_wrap=stderr, width=None if sys.stdout.isatty() else 120)
 
 
 def _load_valid(file: str, sets: list[str] = (), *, steps: Optional[int] = None, seed: Optional[int] = None):

@@ -63,7 +63,7 @@ def encode_prompts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Ten
         texts,
         add_special_tokens=True,
         padding=True,
-        padding_side="right",
+        padding_side="left",
         return_attention_mask=True,
         return_tensors="pt",
     )
@@ -98,7 +98,8 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_params(model) -> set[str]:
-    return set(inspect.signature(model.forward).parameters)
+    inner = getattr(model, "module", model)  # a DeepSpeed engine passes keywords through to its module
+    return set(inspect.signature(inner.forward).parameters)
 
 
 def _cache_from(output):
@@ -406,3 +407,49 @@ def greedy_accuracy(
         for text, answer, prompt in zip(texts, chunk_answers, chunk_prompts):
             hits += float(rule(text, {"answer": answer, "prompt": prompt})) > 0.5
     return hits / len(prompts)
+
+
+# ---------------------------------------------------------------------------------------
+# Critic and reward heads
+# ---------------------------------------------------------------------------------------
+
+
+def response_values(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, T]`` critic values V(s_t) for a token-classification model with one label.
+
+    The model's scalar output at column ``P+t-1`` (the state each response token is
+    chosen from, ALGORITHMS.md §0.1), 0 on padding, float32. Carries gradient when grad
+    is enabled. ``model`` may be wrapped (a DeepSpeed engine): it is simply called.
+    """
+    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    n_resp = response_ids.shape[1]
+    out = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1])
+    values = out.logits[:, -n_resp:, 0].float()  # [B, T]: columns P-1 .. P+T-2
+    return torch.where(response_mask > 0, values, 0.0)
+
+
+def sequence_scores(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``[B]`` reward-model scores: the classification head of a sequence-classification
+    model (``AutoModelForSequenceClassification``, one label) applied at the last valid
+    response token. Computed here rather than by the model's own pooling, which finds
+    "the last non-pad token" and so breaks when pad == eos or prompts are left-padded.
+    """
+    inner = getattr(model, "module", model)  # unwrap a DeepSpeed engine
+    head = getattr(inner, "score", None) or getattr(inner, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no `score` or `classifier` head; a reward model must be a "
+                         "sequence-classification model")
+    hidden = last_token_hidden_state(inner, prompt_ids, prompt_mask, response_ids, response_mask)  # [B, H]
+    return head(hidden.to(head.weight.dtype)).squeeze(-1).float()

@@ -52,7 +52,8 @@ def load_pipeline(file: str | Path) -> Pipeline:
     name = f"rlflow_pipeline_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # so pickled / referenced rules resolve while it runs
+    sys.modules[name] = module  # so rules defined in the file can be found by name
+    sys.path.insert(0, str(path.parent.resolve()))  # as when running a script: siblings import
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
@@ -67,6 +68,8 @@ def load_pipeline(file: str | Path) -> Pipeline:
         raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: cannot import: {e}") from e
     except Exception as e:
         raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: {type(e).__name__} while loading the pipeline: {e}") from e
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
     found = getattr(module, "pipeline", None)
     if not isinstance(found, Pipeline):
         objs = [v for v in vars(module).values() if isinstance(v, Pipeline)]
@@ -109,7 +112,7 @@ def apply_overrides(pipeline: Pipeline, sets: list[str]) -> Pipeline:
             else:
                 node = pipeline.node(owner)
                 if param not in type(node).model_fields:
-                    raise UnknownName(f"parameter of {owner!r}", param, sorted(type(node).model_fields))
+                    raise UnknownName(f"parameter of node {owner!r}", param, sorted(type(node).model_fields))
                 fields = {k: getattr(node, k) for k in type(node).model_fields}
                 new = type(node).model_validate({**fields, param: value})
                 pipeline = pipeline.model_copy(update={"nodes": [new if n is node else n for n in pipeline.nodes]})

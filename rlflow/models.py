@@ -29,7 +29,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLFLOW_CACHE", Path.home() / ".cache" / "rlflow"))
 
 
-BUILTIN_MODELS = ("tiny-arith",)
+BUILTIN_MODELS = ("tiny-arith", "tiny-arith-init")
 
 
 def check_path(path: str) -> Optional[str]:

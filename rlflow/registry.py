@@ -19,10 +19,16 @@ class UnknownName(KeyError):
         self.what, self.name, self.known = what, name, known
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        super().__init__(f"unknown {what} {name!r}; known: {', '.join(known)}.{hint}")
+        super().__init__(f"unknown {what}: {name!r}; known: {', '.join(known)}.{hint}")
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return self.args[0]
+
+
+def _same_definition(old: object, new: object) -> bool:
+    """The same definition executed again (a pipeline file loaded twice), not a clash."""
+    key = lambda o: (getattr(o, "__module__", None), getattr(o, "__qualname__", None))  # noqa: E731
+    return key(old) == key(new) and key(old) != (None, None)
 
 
 class Registry(Generic[T]):
@@ -32,7 +38,8 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
-            if name in self._items:
+            old = self._items.get(name)
+            if old is not None and not _same_definition(old, obj):
                 raise ValueError(f"{self.what} {name!r} is registered twice")
             self._items[name] = obj
             return obj

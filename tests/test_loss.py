@@ -407,7 +407,13 @@ def test_dpo_values(params, expected):
 def test_dpo_single_pair_h2():
     # β = 0.1, h = 2 -> -logσ(0.2) = log(1 + e^-0.2) = 0.598139
     lp = t([[-1.0], [-3.0]]).requires_grad_()
-    cols = {"logprobs": lp, "ref_logprobs": t([[0.0], [0.0]]), "response_mask": t([[1.0], [1.0]]), "group": torch.tensor([0, 0]), "chosen": t([1.0, 0.0])}
+    cols = {
+        "logprobs": lp,
+        "ref_logprobs": t([[0.0], [0.0]]),
+        "response_mask": t([[1.0], [1.0]]),
+        "group": torch.tensor([0, 0]),
+        "chosen": t([1.0, 0.0]),
+    }
     assert run("dpo", cols).loss.item() == pytest.approx(0.598138869381592, abs=1e-12)
 
 
@@ -430,7 +436,13 @@ def test_dpo_identical_pair_has_zero_parameter_gradient():
     row = torch.log_softmax(theta, -1)[torch.arange(4), y]  # [T]
     lp = torch.stack([row, row])  # [2, T]
     ref = torch.randn(4, dtype=F64).expand(2, 4)
-    cols = {"logprobs": lp, "ref_logprobs": ref, "response_mask": torch.ones(2, 4, dtype=F64), "group": torch.tensor([5, 5]), "chosen": t([0.0, 1.0])}
+    cols = {
+        "logprobs": lp,
+        "ref_logprobs": ref,
+        "response_mask": torch.ones(2, 4, dtype=F64),
+        "group": torch.tensor([5, 5]),
+        "chosen": t([0.0, 1.0]),
+    }
     term = run("dpo", cols, {"beta": 0.1})
     assert term.loss.item() == pytest.approx(math.log(2.0), abs=1e-12)  # h = 0: -logσ(0)
     g_rows = torch.autograd.grad(term.loss, lp, retain_graph=True)[0]
@@ -572,7 +584,11 @@ INVARIANT = (
 )
 
 
-@pytest.mark.parametrize("name,params", INVARIANT, ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()))
+def _id(x) -> str:
+    return x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items())
+
+
+@pytest.mark.parametrize("name,params", INVARIANT, ids=_id)
 def test_micro_batch_shares_sum_to_mini_batch(name, params):
     variant = LOSSES[name]
     pairs = name in ("dpo", "bradley_terry")
