@@ -39,7 +39,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from rlflow.dist import all_reduce_sum
-from rlflow.nodes.masked import masked_whiten
+from rlflow.node import runner
+from rlflow.nodes.masked import kl_estimate, masked_whiten
 from rlflow.registry import Registry
 
 # ---------------------------------------------------------------------------------------
@@ -80,9 +81,11 @@ ADVANTAGES: Registry[AdvantageVariant] = Registry("advantage estimator")
 def last_token(mask: torch.Tensor) -> torch.Tensor:
     """1 on the last valid token T_i of each row, 0 elsewhere (all 0 for an empty row)."""
     valid = mask > 0  # [B, T]
-    pos = torch.arange(1, mask.shape[-1] + 1, device=mask.device)  # [T] 1-based
-    last = (valid * pos).amax(-1)  # [B] 1-based index of the last valid token, 0 if empty
-    return (pos == last[:, None]) & valid  # [B, T] bool
+    if valid.shape[-1] == 0:
+        return valid  # T = 0: no tokens at all
+    pos = torch.arange(mask.shape[-1], device=mask.device)  # [T]
+    last = torch.where(valid, pos, -1).amax(-1)  # [B] index of T_i, -1 for an empty row
+    return pos == last[:, None]  # [B, T] bool
 
 
 def token_rewards(
@@ -94,10 +97,9 @@ def token_rewards(
     """
     if kl_coef != 0.0 and kl is None:
         raise ValueError(f"kl_coef={kl_coef} puts KL in the reward but no per-token kl was given")
-    m = mask.to(rewards.dtype)  # [B, T]
     r = torch.where(last_token(mask), rewards[:, None], 0.0)  # [B, T] score on T_i only
     if kl_coef != 0.0:
-        r = r - kl_coef * kl.to(rewards.dtype) * m  # [B, T] KL only on valid tokens
+        r = r - kl_coef * torch.where(mask > 0, kl.to(rewards.dtype), 0.0)  # [B, T] KL on valid tokens only
     return r
 
 
@@ -109,8 +111,7 @@ def sequence_rewards(
         return rewards
     if kl is None:
         raise ValueError(f"kl_coef={kl_coef} puts KL in the reward but no per-token kl was given")
-    m = mask.to(rewards.dtype)
-    return rewards - kl_coef * (kl.to(rewards.dtype) * m).sum(-1)  # [B]
+    return rewards - kl_coef * torch.where(mask > 0, kl.to(rewards.dtype), 0.0).sum(-1)  # [B]
 
 
 class GroupStats(NamedTuple):
@@ -170,7 +171,7 @@ def discounted_cumsum(x: torch.Tensor, mask: torch.Tensor, discount: float | tor
         y = x[:, t] + d * carry  # [B]
         carry = torch.where(m[:, t], y, carry)
         out.append(torch.where(m[:, t], y, 0.0))
-    return torch.stack(out[::-1], dim=1)  # [B, T]
+    return torch.stack(out[::-1], dim=1) if out else torch.zeros_like(x)  # [B, T]
 
 
 def td_residuals(r: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -184,7 +185,7 @@ def td_residuals(r: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamm
     for t in reversed(range(values.shape[1])):
         nxt.append(carry)
         carry = torch.where(m[:, t], values[:, t], carry)  # only valid tokens are ever read
-    v_next = torch.stack(nxt[::-1], dim=1)  # [B, T]
+    v_next = torch.stack(nxt[::-1], dim=1) if nxt else torch.zeros_like(values)  # [B, T]
     return torch.where(m, r + gamma * v_next - values, 0.0)  # [B, T]
 
 
@@ -263,7 +264,7 @@ def _finish(
     if returns is not None:
         metrics["returns/mean"], metrics["returns/std"] = _moments(returns, x.mask)
     if kl_coef > 0:
-        penalty = kl_coef * (x.kl.to(torch.float64) * m).sum(-1)  # [B]
+        penalty = kl_coef * torch.where(m, x.kl.to(torch.float64), 0.0).sum(-1)  # [B]
         total, rows = all_reduce_sum(torch.stack([penalty.sum(), penalty.new_tensor(float(penalty.numel()))])).tolist()
         metrics["rewards/kl_penalty"] = total / max(rows, 1.0)
     return AdvantageResult(advantages=adv, returns=returns, metrics=metrics)
@@ -448,3 +449,33 @@ ADVANTAGES.register("group_norm")(AdvantageVariant(group_norm, frozenset(), grou
 ADVANTAGES.register("group_center")(AdvantageVariant(group_center, frozenset(), group_based=True))
 ADVANTAGES.register("rloo")(AdvantageVariant(rloo, frozenset(), group_based=True))
 ADVANTAGES.register("greedy_baseline")(AdvantageVariant(greedy_baseline, frozenset({"baseline_rewards"}), group_based=False))
+
+
+# ---------------------------------------------------------------------------------------
+# The node runner: batch columns in, advantages (and returns) out
+
+
+@runner("advantage")
+class AdvantageRunner:
+    """Builds :class:`AdvantageInputs` from the batch and calls the registered variant.
+
+    With ``kl_coef > 0`` the per-token KL estimate (``kl`` estimator, old vs reference
+    log-probs, no gradient) is computed here and passed in; the variant puts it into the
+    reward (ALGORITHMS.md §0.3, placement 1).
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.variant = ADVANTAGES[spec.variant]
+
+    def run(self, batch, ctx) -> dict[str, float]:
+        s = self.spec
+        mask = batch["response_mask"]
+        kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], s.kl) * mask if s.kl_coef > 0 else None
+        x = AdvantageInputs(rewards=batch["rewards"].float(), mask=mask, group=batch["group"], values=batch.get("values"),
+                            kl=kl, baseline_rewards=batch.get("baseline_rewards"))
+        result = self.variant.fn(x, **s.model_dump(exclude={"name", "variant", "kl"}))
+        batch["advantages"] = result.advantages
+        if result.returns is not None:
+            batch["returns"] = result.returns
+        return result.metrics

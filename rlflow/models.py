@@ -86,6 +86,13 @@ def _dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _quiet_transformers() -> None:
+    """No per-file progress bars from transformers while loading and saving."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -160,6 +167,7 @@ def place(name: str, spec: Model, *, steps: int, on_build: Optional[Callable[[st
     import torch
 
     setup_distributed()
+    _quiet_transformers()
     path = resolve(spec.path, on_build=on_build)
     tokenizer = (shared or {}).get(path) or load_tokenizer(path)
     if shared is not None:

@@ -96,17 +96,19 @@ def test_signature_is_one_input_plus_keyword_params(name):
 def test_last_token_and_token_rewards_by_hand():
     mask = mask_of([3, 1, 0], 4)
     assert last_token(mask).tolist() == [[False, False, True, False], [True, False, False, False], [False] * 4]
-    kl = t64([[0.1, 0.2, 0.3, 9.0], [0.5, 9.0, 9.0, 9.0], [9.0] * 4])  # 9.0 on padding must not leak
+    kl = t64([[0.1, 0.2, 0.3, 9.0], [0.5, 9.0, 9.0, float("nan")], [float("inf")] * 4])  # padding must not leak
     r = token_rewards(t64([1.0, 2.0, 3.0]), mask, kl, kl_coef=0.5)
     # row 0: -0.5*[0.1, 0.2, 0.3] + [0, 0, 1] = [-0.05, -0.1, 0.85], padding 0
     # row 1: -0.5*0.5 + 2 = 1.75 on its only token; row 2 (empty): all 0, its score lands nowhere
     assert torch.allclose(r, t64([[-0.05, -0.1, 0.85, 0], [1.75, 0, 0, 0], [0, 0, 0, 0]]), atol=1e-12)
     assert torch.equal(token_rewards(t64([1.0, 2.0, 3.0]), mask), t64([[0, 0, 1, 0], [2, 0, 0, 0], [0, 0, 0, 0]]))
+    # an unscorable empty response (NaN score) puts nothing anywhere, not NaN·0 = NaN
+    assert torch.equal(token_rewards(t64([1.0, 2.0, float("nan")]), mask)[2], torch.zeros(4, dtype=F64))
 
 
 def test_sequence_rewards_subtracts_summed_kl_on_valid_tokens():
     mask = mask_of([3, 1], 3)
-    kl = t64([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0]])
+    kl = t64([[0.1, 0.2, 0.3], [0.5, 9.0, float("nan")]])
     # R - β Σ_t m k: 1 - 0.5*0.6 = 0.7; 2 - 0.5*0.5 = 1.75
     assert torch.allclose(sequence_rewards(t64([1.0, 2.0]), mask, kl, 0.5), t64([0.7, 1.75]), atol=1e-12)
     with pytest.raises(ValueError, match="no per-token kl"):
@@ -258,12 +260,12 @@ def test_gae_lambda_critic_none_means_lam():
 
 def test_gae_length_alpha_uses_per_sequence_lambda():
     # α = 0.5: l=4 → λ = 1 - 1/2 = 0.5; l=2 → 1 - 1/1 = 0. V = 0, γ = 1, R on the last token
-    # row 0: δ = [0, 0, 0, 1] → A = [0.125, 0.25, 0.5, 1]; row 1: λ=0 → A = δ = [0, 1]
-    x = AdvantageInputs(t64([1.0, 1.0]), mask_of([4, 2], 4), torch.tensor([0, 1]), values=torch.zeros(2, 4, dtype=F64))
+    # row 0: δ = [0, 0, 0, 1] → A = [0.125, 0.25, 0.5, 1]; row 1: λ=0 → A = δ = [0, 1]; row 2 empty
+    x = AdvantageInputs(t64([1.0, 1.0, 1.0]), mask_of([4, 2, 0], 4), torch.tensor([0, 1, 2]), values=torch.zeros(3, 4, dtype=F64))
     res = gae(x, length_alpha=0.5, lambda_critic=1.0, whiten=False)
-    assert torch.allclose(res.advantages, t64([[0.125, 0.25, 0.5, 1.0], [0.0, 1.0, 0.0, 0.0]]), atol=1e-12)
-    assert torch.allclose(res.returns, t64([[1, 1, 1, 1], [1, 1, 0, 0]]), atol=1e-12)
-    assert res.metrics["advantages/lambda_actor_mean"] == pytest.approx(0.25)
+    assert torch.allclose(res.advantages, t64([[0.125, 0.25, 0.5, 1.0], [0.0, 1.0, 0.0, 0.0], [0.0] * 4]), atol=1e-12)
+    assert torch.allclose(res.returns, t64([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]), atol=1e-12)
+    assert res.metrics["advantages/lambda_actor_mean"] == pytest.approx(0.25)  # (0.5 + 0)/2, empty row left out
 
 
 def test_reward_to_go_by_hand_with_kl():
@@ -457,6 +459,18 @@ def test_unscorable_empty_row_does_not_leak_nan(name):
     assert torch.equal(res.advantages[1], torch.zeros(3, dtype=F64))
     if res.returns is not None:
         assert torch.isfinite(res.returns).all()
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+@pytest.mark.parametrize("T", [0, 3])
+def test_batch_of_only_empty_responses(name, T):
+    # every response empty (even T = 0): zeros without whitening; whitening refuses (< 2 tokens)
+    x = full_inputs([1.0, 0.0], [0, 0], T, group=[0, 0])
+    res = ADVANTAGES[name].fn(x, whiten=False)
+    assert res.advantages.shape == (2, T) and torch.equal(res.advantages, torch.zeros(2, T, dtype=F64))
+    assert res.metrics["advantages/mean"] == 0.0 and res.metrics["advantages/std"] == 0.0
+    with pytest.raises(ValueError, match="at least 2 valid tokens"):
+        ADVANTAGES[name].fn(x, whiten=True)
 
 
 def test_empty_row_keeps_its_score_in_the_group_baseline():

@@ -182,6 +182,10 @@ def test_same_seed_same_samples_different_seed_different():
 def test_top_k_one_and_tiny_top_p_equal_greedy():
     model = tiny_llama(eos_bias=1.0)
     greedy = _draw(model, 0, greedy=True)
+    # greedy log-probs are at temperature 1 whatever temperature is passed
+    greedy_hot = _draw(model, 0, greedy=True, temperature=0.7)
+    assert torch.equal(greedy_hot.response_ids, greedy.response_ids)
+    torch.testing.assert_close(greedy_hot.logprobs, greedy.logprobs, atol=0, rtol=0)
     for kw in ({"top_k": 1}, {"top_p": 1e-6}):
         hot = _draw(model, 3, temperature=1.3, **kw)
         assert torch.equal(hot.response_ids, greedy.response_ids), kw
@@ -239,7 +243,6 @@ def test_prompt_alone_and_in_padded_batch_agree_with_reference():
 
 def test_gradient_flows_through_response_logprobs():
     model = tiny_llama()
-    ids, mask = left_pad(PROMPTS)
     out = _draw(model, 0, max_new_tokens=6)
     ids, mask = left_pad(PROMPTS * 4)
     lp = response_logprobs(model, ids, mask, out.response_ids, out.response_mask, temperature=0.7)
