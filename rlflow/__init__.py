@@ -8,10 +8,12 @@ from rlflow.spec import (
     Advantage,
     Demonstrations,
     Eval,
+    Filter,
     Generate,
     Loss,
     Model,
     Pairs,
+    Phase,
     Pipeline,
     Prompts,
     RefLogprob,
@@ -22,7 +24,7 @@ from rlflow.spec import (
 )
 
 __all__ = [
-    "Advantage", "Demonstrations", "Eval", "Generate", "Loss", "Model", "Pairs", "Pipeline", "Prompts",
+    "Advantage", "Demonstrations", "Eval", "Filter", "Generate", "Loss", "Model", "Pairs", "Phase", "Pipeline", "Prompts",
     "RefLogprob", "Rule", "Score", "Value", "node_kind",
 ]
 __version__ = "0.1.0"

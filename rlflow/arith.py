@@ -150,6 +150,11 @@ def exact_match(response: str, row: dict) -> float:
     return 1.0 if response.strip() == row["answer"] else 0.0
 
 
+def signed_match(response: str, row: dict) -> float:
+    """The ±1 verifier reward of DAPO, VC-PPO and VAPO: +1 iff correct, else -1."""
+    return 2.0 * exact_match(response, row) - 1.0
+
+
 def _wrong_sum(a: int, b: int, rng: random.Random) -> str:
     """A plausible wrong answer to ``a+b``: a slip of one in the units or tens digit, a
     dropped or spurious carry (both change the sum by ten), or a dropped hundreds carry."""
@@ -171,7 +176,7 @@ def pairs(split: Split, n: int | None = None, *, seed: int = 0) -> list[dict]:
     rows = []
     for a, b in _operands(split, n, seed):
         rng = random.Random(f"{seed}:{a}+{b}")  # str seeds hash with sha512: stable across runs
-        rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": _wrong_sum(a, b, rng)})
+        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "chosen": str(a + b), "rejected": _wrong_sum(a, b, rng)})
     return rows
 
 

@@ -34,7 +34,16 @@ from rlflow.models import Worker, atomic_dir, place
 from rlflow.node import RUNNERS, Context
 from rlflow.spec import LossSpec, Pipeline
 
-from rlflow.nodes import advantage, generate, ref_logprob, score, value  # noqa: F401  (register the runners)
+import rlflow.nodes.advantage  # noqa: F401,E402  (each import registers a node runner)
+import rlflow.nodes.filter  # noqa: F401
+import rlflow.nodes.generate  # noqa: F401
+import rlflow.nodes.ref_logprob  # noqa: F401
+import rlflow.nodes.score  # noqa: F401
+import rlflow.nodes.value  # noqa: F401
+
+
+class RefillError(RuntimeError):
+    """Dynamic sampling ran out of rounds before keeping enough groups."""
 
 
 class Observer:
@@ -43,7 +52,7 @@ class Observer:
     def message(self, text: str) -> None: ...
     def start(self, run: "Run") -> None: ...
     def step(self, step: int, record: dict[str, Any]) -> None: ...
-    def evaluated(self, step: int, accuracy: float) -> None: ...
+    def evaluated(self, step: int, figures: dict[str, float]) -> None: ...
     def end(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -56,6 +65,11 @@ class NodeTime:
     def as_dict(self) -> dict[str, float]:
         return {"seconds": round(self.seconds, 6), "rows": self.rows, "tokens": self.tokens,
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
+
+
+def _masked(cols: dict[str, Any], mask: str) -> dict[str, Any]:
+    """The columns a loss sees: its own mask column stands in for ``response_mask``."""
+    return cols if mask == "response_mask" else {**cols, "response_mask": cols[mask]}
 
 
 def _tokens(batch: Batch) -> int:
@@ -118,7 +132,7 @@ class Run:
             upd_metrics = self.update(batch, times)
             record = self._record(step, batch, times, {**exp_metrics, **upd_metrics}, time.perf_counter() - t0)
             if every and step % every == 0 and step != steps:
-                record["eval/accuracy"] = self.evaluate(step)
+                record.update(self.evaluate(step))
             self._write(record, batch)
             self.observer.step(step, record)
             if self.pipeline.save_every and step % self.pipeline.save_every == 0:
@@ -135,7 +149,7 @@ class Run:
     def experience(self) -> tuple[Batch, dict[str, NodeTime], dict[str, float]]:
         """One batch through the experience nodes (with Filter refill rounds)."""
         order = self.graph.experience_order()
-        filters = [n for n in order if n.kind == "filter" and getattr(n, "target_groups", None)]
+        filters = [n for n in order if n.kind == "filter" and getattr(n, "variant", "") == "dynamic"]
         times: dict[str, NodeTime] = {}
         metrics: dict[str, float] = {}
         if not filters:
@@ -144,18 +158,21 @@ class Run:
                 batch = self._run_node(node, batch, times, metrics)
             return batch, times, metrics
         f = filters[0]
+        target = f.target_groups or self.pipeline.data.batch_size
         before = self.graph.upstream(f.name)
         head = [n for n in order if n.name in before]
         tail = [n for n in order if n.name not in before and n.name != f.name]
         kept: list[Batch] = []
         rounds = groups = 0
-        while groups < f.target_groups:
+        while groups < target:
             if rounds >= f.max_rounds:
-                if f.allow_short and kept:
+                if f.allow_short and groups:
                     metrics["filter/short_batch"] = 1.0
+                    self.observer.message(f"step {self.ctx.step}: {f.name} kept {groups} of {target} groups in {rounds} rounds; "
+                                          "training on a short batch (allow_short=True)")
                     break
-                raise RuntimeError(f"{f.name}: {groups} of {f.target_groups} groups kept after {rounds} rounds "
-                                   f"(max_rounds={f.max_rounds}); raise max_rounds or lower target_groups")
+                raise RefillError(f"{f.name}: {groups} of {target} groups kept after {rounds} rounds "
+                                  f"(max_rounds={f.max_rounds}); raise max_rounds, lower target_groups, or set allow_short=True")
             rounds += 1
             batch = self.data.next()
             for node in head:
@@ -163,9 +180,9 @@ class Run:
             batch = self._run_node(f, batch, times, metrics)
             kept.append(batch)
             groups += int(torch.unique(batch["group"]).numel()) if len(batch) else 0
-        batch = Batch.cat(kept)
-        batch = self.runners[f.name].truncate(batch, f.target_groups)
+        batch = self.runners[f.name].truncate(Batch.cat(kept), target)
         metrics["filter/rounds"] = float(rounds)
+        metrics["filter/groups_kept"] = float(groups)
         for node in tail:
             batch = self._run_node(node, batch, times, metrics)
         return batch, times, metrics
@@ -208,16 +225,15 @@ class Run:
                     counts = {}
                     for n in nodes:
                         v = LOSSES[n.variant]
-                        params = n.fn_params()
                         c = n.agg_constant if getattr(n, "agg_constant", None) else constant
-                        counts[n.name] = count(v.mask(mini.columns, params), mini.get("group"), constant=c)
+                        counts[n.name] = count(v.mask(_masked(mini.columns, n.mask), n.fn_params()), mini.get("group"), constant=c)
                     micros = mini.split(worker.spec.micro_batch_size or len(mini))
                     for i, micro in enumerate(micros):
                         outputs = self._forward(worker, micro, {LOSSES[n.variant].needs for n in nodes}, temperature)
                         cols = {**micro.tensors(), **outputs}
                         total = 0.0
                         for n in nodes:
-                            term = LOSSES[n.variant].fn(cols, counts[n.name], **n.fn_params())
+                            term = LOSSES[n.variant].fn(_masked(cols, n.mask), counts[n.name], **n.fn_params())
                             total = total + n.coef * term.loss
                             for k, val in term.metrics.items():
                                 sums.setdefault(k, []).append(float(val))
@@ -235,7 +251,7 @@ class Run:
         return out
 
     def _trains(self, model: str) -> bool:
-        return self.pipeline.models[model].train
+        return self.pipeline.training(model, self.ctx.step)
 
     def _agg_constant(self) -> float:
         gen = self.graph.generate()
@@ -255,27 +271,50 @@ class Run:
         return out
 
     # --- evaluation, records, outputs -----------------------------------------------------------
-    def evaluate(self, step: int) -> Optional[float]:
-        """Held-out greedy accuracy of the policy (None when there is no eval split or rule)."""
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out figures: the policy's greedy accuracy under the task rule, and on
+        preference data the policy's and any reward model's pairwise accuracy."""
         ev = self.pipeline.eval
-        if ev is None or self.policy is None:
-            return None
-        rule = self._eval_rule()
+        if ev is None:
+            return {}
         rows = load_rows(self.pipeline.data, "eval")
-        if rule is None or not rows:
-            return None
-        from rlflow.forward import greedy_accuracy
-
+        if not rows:
+            return {}
         rows = rows[: ev.size]
         spec = self.pipeline.data
-        worker = self.workers[self.policy]
-        gen = self.graph.generate()
-        max_new = ev.max_new_tokens or (gen.max_new_tokens if gen else 16)
-        acc = greedy_accuracy(worker.module, worker.tokenizer, [r[spec.prompt_field] for r in rows],
-                              [str(r.get(getattr(spec, "answer_field", "answer"), "")) for r in rows], rule,
-                              max_new_tokens=max_new)
-        self.observer.evaluated(step, acc)
-        return acc
+        out: dict[str, float] = {}
+        rule = self._eval_rule()
+        if self.policy is not None and rule is not None and any("answer" in r for r in rows[:1]):
+            from rlflow.forward import greedy_accuracy
+
+            worker = self.workers[self.policy]
+            gen = self.graph.generate()
+            max_new = ev.max_new_tokens or (gen.max_new_tokens if gen else 16)
+            out["eval/accuracy"] = greedy_accuracy(worker.module, worker.tokenizer, [r[spec.prompt_field] for r in rows],
+                                                   [str(r["answer"]) for r in rows], rule, max_new_tokens=max_new)
+        if spec.kind == "pairs":
+            out.update(self._pair_accuracy(rows))
+        self.observer.evaluated(step, out)
+        return out
+
+    @torch.no_grad()
+    def _pair_accuracy(self, rows: list[dict]) -> dict[str, float]:
+        """Fraction of held-out pairs ranked chosen > rejected: by summed log-prob for the
+        policy, by score for every trained reward model."""
+        from rlflow.data import make_batch
+        from rlflow.forward import response_logprobs, sequence_scores
+
+        out: dict[str, float] = {}
+        b = make_batch(self.pipeline.data, rows, self.tokenizer)
+        args = (b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
+        if self.policy is not None:
+            lp = response_logprobs(self.workers[self.policy].module, *args).sum(-1)  # [2P]: chosen, rejected, ...
+            out["eval/preference_accuracy"] = float((lp[0::2] > lp[1::2]).float().mean())
+        for name, w in self.workers.items():
+            if w.spec.head == "reward" and w.trainable:
+                s = sequence_scores(w.module, *args)
+                out[f"eval/rm_accuracy/{name}"] = float((s[0::2] > s[1::2]).float().mean())
+        return out
 
     def _eval_rule(self):
         if self.pipeline.data.source == "builtin:arith":
@@ -344,7 +383,7 @@ class Run:
     def _trained(self) -> list[str]:
         return [n for n, w in self.workers.items() if w.trainable]
 
-    def _summary(self, before: Optional[float], after: Optional[float], seconds: float) -> dict[str, Any]:
+    def _summary(self, before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
         node_seconds: dict[str, list[float]] = {}
         for rec in self.history:
             for k, t in rec["nodes"].items():
@@ -355,8 +394,8 @@ class Run:
             "pipeline": self.pipeline.name,
             "steps": len(self.history),
             "seconds": round(seconds, 2),
-            "eval/accuracy_before": before,
-            "eval/accuracy_after": after,
+            "eval_before": before,
+            "eval_after": after,
             "reward/start": sum(rewards[:k]) / k if rewards else None,
             "reward/end": sum(rewards[-k:]) / k if rewards else None,
             "nodes": {n: {"total_s": round(sum(v), 3), "mean_s": round(sum(v) / len(v), 4)} for n, v in node_seconds.items()},
@@ -364,7 +403,7 @@ class Run:
         }
 
     def close(self) -> None:
-        for f in (self.metrics_file, self.samples_file):
+        for f in (getattr(self, "metrics_file", None), getattr(self, "samples_file", None)):
             if f:
                 f.close()
         self.metrics_file = self.samples_file = None

@@ -169,7 +169,7 @@ def build(pipeline: Pipeline) -> PipelineGraph:
 
     # a Filter runs before every experience node that does not feed it
     for f in pipeline.nodes:
-        if f.kind != "filter" or f.name not in g:
+        if f.kind != "filter" or not getattr(f, "drops_rows", False) or f.name not in g:
             continue
         feeds = nx.ancestors(g, f.name) if nx.is_directed_acyclic_graph(g) else set()
         for n in pipeline.nodes:
@@ -225,6 +225,11 @@ def _check_models(pipeline: Pipeline, pg: PipelineGraph) -> None:
                                         "declare it as actor.critic() or Model(..., head='value')"))
             elif n.kind == "score" and spec.head != "reward":
                 problems.append(Problem("RF011", n.name, fld, "Score with a model needs a reward model", "head='reward'", f"head={spec.head!r}"))
+    for i, phase in enumerate(pipeline.phases):
+        for ref in phase.train:
+            if ref not in declared:
+                problems.append(Problem("RF005", f"phases[{i}]", "train", f"phase trains model {ref!r}, which the pipeline does not declare",
+                                        f"one of {sorted(declared)}", ref, _did_you_mean(ref, declared)))
     for name, spec in declared.items():
         if spec.train and name not in trained_by_loss:
             problems.append(Problem("RF006", name, "train", f"model {name!r} is trainable but no Loss node trains it",

@@ -105,16 +105,18 @@ def load_tokenizer(path: str):
 
 def load_module(spec: Model, path: str):
     """The bare Hugging Face module for ``spec.head``: causal LM, token values, or sequence score."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     kw: dict[str, Any] = {"dtype": _dtype(spec.precision)}
     try:
         if spec.head == "lm":
             return AutoModelForCausalLM.from_pretrained(path, **kw)
+        config = AutoConfig.from_pretrained(path)
+        config.num_labels = 1
         if spec.head == "value":
-            # a scalar per position; the dropout of the classification head is switched off
-            return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, classifier_dropout=0.0, **kw)
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
+            config.classifier_dropout = 0.0  # a scalar per position, no dropout on the value head
+            return AutoModelForTokenClassification.from_pretrained(path, config=config, **kw)
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config, **kw)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load model {spec.path!r} from {path!r}: {str(e).splitlines()[0]}") from e
 

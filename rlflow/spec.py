@@ -447,16 +447,17 @@ class LossSpec(Node):
     variant: str
     model: str = "actor"
     coef: float = Field(1.0, description="weight of this term in the model's summed loss")
+    mask: str = Field("response_mask", description="token mask of the loss (e.g. 'loss_mask' from Filter('overlong'))")
 
     def reads(self):
-        return {**_PROMPT, **_RESPONSE}
+        return {**_PROMPT, **_RESPONSE, self.mask: "token"}
 
     def model_refs(self):
         return {"model": self.model}
 
     def fn_params(self) -> dict[str, Any]:
         """Keyword arguments of the variant's loss function."""
-        return self.model_dump(exclude={"name", "variant", "model", "coef"})
+        return self.model_dump(exclude={"name", "variant", "model", "coef", "mask"})
 
 
 def _loss(cls):
@@ -554,6 +555,81 @@ def Loss(variant: str, **params: Any) -> LossSpec:
     return LOSS_VARIANTS[variant](**params)
 
 
+# --- Filter: one spec class per variant -------------------------------------------------------
+
+FILTER_VARIANTS: Registry[type["FilterSpec"]] = Registry("filter variant")
+
+
+class FilterSpec(Node):
+    """A filter. ``drops_rows`` filters remove rows: every experience node that does not
+    feed such a filter runs after it, on the kept rows only."""
+
+    kind: ClassVar[str] = "filter"
+    drops_rows: ClassVar[bool] = True
+    variant: str
+
+
+def _filter(cls):
+    FILTER_VARIANTS.register(cls.model_fields["variant"].default)(cls)
+    return cls
+
+
+@_filter
+class DynamicSampling(FilterSpec):
+    """DAPO dynamic sampling (§7.2): keep a group iff the spread (population std) of its
+    ``metric`` exceeds ``tolerance``; the engine re-runs the nodes upstream on fresh
+    prompts until ``target_groups`` groups are kept (default: the data batch size), at
+    most ``max_rounds`` rounds, then truncates to the target. Running out of rounds is an
+    error that names the counts, or with ``allow_short=True`` a short batch that is logged.
+    """
+
+    variant: Literal["dynamic"] = "dynamic"
+    metric: str = "rewards"
+    tolerance: float = Field(1e-6, ge=0)
+    target_groups: Optional[int] = Field(None, ge=1)
+    max_rounds: int = Field(10, ge=1)
+    allow_short: bool = False
+
+    def reads(self):
+        return {self.metric: "seq", "group": "seq"}
+
+
+@_filter
+class Overlong(FilterSpec):
+    """Overlong filtering (DAPO §3.4, TRL ``mask_truncated_completions``): truncated
+    responses keep their rows (and their place in group statistics) but are masked out of
+    the loss: writes ``loss_mask`` = response_mask with truncated rows zeroed. Point a
+    Loss at it with ``Loss(..., mask="loss_mask")``."""
+
+    drops_rows: ClassVar[bool] = False
+    variant: Literal["overlong"] = "overlong"
+
+    def reads(self):
+        return {"response_mask": "token", "truncated": "seq"}
+
+    def writes(self):
+        return {"loss_mask": "token"}
+
+
+@_filter
+class BestWorstPairs(FilterSpec):
+    """Online DPO pairing (§9.2): per group keep the best- and the worst-scored response as
+    a chosen/rejected pair; groups whose best and worst scores tie are dropped and counted."""
+
+    variant: Literal["pairs"] = "pairs"
+
+    def reads(self):
+        return {"rewards": "seq", "group": "seq"}
+
+    def writes(self):
+        return {"chosen": "seq"}
+
+
+def Filter(variant: str, **params: Any) -> FilterSpec:
+    """``Filter("dynamic")``: the filter node of the named variant."""
+    return FILTER_VARIANTS[variant](**params)
+
+
 # --- the pipeline ------------------------------------------------------------------------------
 
 
@@ -563,6 +639,16 @@ class Eval(Spec):
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     size: int = Field(200, ge=1)
     max_new_tokens: Optional[int] = Field(None, ge=1, description="default: the Generate node's")
+
+
+class Phase(Spec):
+    """A stretch of steps in which only some models learn (e.g. value pretraining:
+    ``Phase(steps=20, train=["critic"])``). Phases run first, in order; after them
+    every trainable model learns."""
+
+    steps: int = Field(ge=1)
+    train: list[str]
+    start: int = Field(0, ge=0, description="set by the pipeline: steps before this phase")
 
 
 class Pipeline(Spec):
@@ -579,6 +665,24 @@ class Pipeline(Spec):
     seed: int = 0
     eval: Optional[Eval] = Field(default_factory=Eval)
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final model)")
+    phases: list[Phase] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _phase_starts(self) -> "Pipeline":
+        start = 0
+        for ph in self.phases:
+            object.__setattr__(ph, "start", start)
+            start += ph.steps
+        return self
+
+    def training(self, model: str, step: int) -> bool:
+        """Whether ``model`` learns at ``step`` (1-based), given the phases."""
+        if not self.models[model].train:
+            return False
+        for ph in self.phases:
+            if ph.start < step <= ph.start + ph.steps:
+                return model in ph.train
+        return True
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

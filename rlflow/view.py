@@ -127,6 +127,13 @@ def _headline(rec: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+_EVAL_NAMES = {
+    "accuracy": "held-out greedy accuracy",
+    "preference_accuracy": "held-out preference accuracy (policy ranks chosen first)",
+    "rm_accuracy": "held-out reward-model pairwise accuracy",
+}
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"{summary['pipeline']}: {summary['steps']} steps in {summary['seconds']:.1f}s", title_justify="left")
     table.add_column("node")
@@ -143,9 +150,12 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     out = []
     if summary.get("reward/start") is not None:
         out.append(f"reward: {summary['reward/start']:.3f} at the start -> {summary['reward/end']:.3f} at the end")
-    b, a = summary.get("eval/accuracy_before"), summary.get("eval/accuracy_after")
-    if b is not None and a is not None:
-        out.append(f"held-out greedy accuracy: {100 * b:.1f}% before -> {100 * a:.1f}% after ({100 * (a - b):+.1f} points)")
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    for key, a in after.items():
+        b = before.get(key)
+        what = _EVAL_NAMES.get(key.split("/")[1], key)
+        if b is not None:
+            out.append(f"{what}: {100 * b:.1f}% before -> {100 * a:.1f}% after ({100 * (a - b):+.1f} points)")
     out.append(f"outputs in {summary['out_dir']}")
     return out
 
@@ -182,9 +192,10 @@ class LiveView:
             parts.append(timing_table(self.last["nodes"]))
         return Group(*parts)
 
-    def evaluated(self, step: int, accuracy: float) -> None:
-        if self.enabled and accuracy is not None:
-            line = f"eval at step {step}: held-out greedy accuracy {100 * accuracy:.1f}%"
+    def evaluated(self, step: int, figures: dict[str, float]) -> None:
+        if self.enabled and figures:
+            shown = ", ".join(f"{_EVAL_NAMES.get(k.split('/')[1], k)} {100 * v:.1f}%" for k, v in figures.items())
+            line = f"eval at step {step}: {shown}"
             (self.live.console.print(line) if self.live else self.message(line))
 
     def step(self, step: int, record: dict[str, Any]) -> None:
