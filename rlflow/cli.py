@@ -288,10 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default_accelerator() -> None:
+    """No GPU driver: tell DeepSpeed to use its CPU accelerator before anything imports it."""
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     # DeepSpeed's launcher passes --local_rank; accept and ignore it
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = build_parser().parse_args(argv)
+    _default_accelerator()
     err = _console(stderr=True)
     try:
         return args.fn(args)

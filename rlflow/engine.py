@@ -239,7 +239,9 @@ class Run:
                                 sums.setdefault(k, []).append(float(val))
                         # DeepSpeed averages gradients over ranks; the loss is already a global mean
                         worker.backward(total * dist.world_size(), last=i == len(micros) - 1)
-                    sums.setdefault(f"grad_norm/{model}", []).append(worker.step())
+                    norm = worker.step()
+                    if norm is not None:
+                        sums.setdefault(f"grad_norm/{model}", []).append(norm)
                     key = "+".join(n.name for n in nodes)
                     prev = times.get(key)
                     dt = time.perf_counter() - t0

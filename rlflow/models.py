@@ -74,10 +74,15 @@ def setup_distributed() -> None:
         with socket.socket() as s:  # a free port, so parallel single-process runs do not collide
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import contextlib
+    import io
+
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False)
+        # DeepSpeed prints the (JIT-built, cached) communication op it loads: not news to a user
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False)
 
 
 def _dtype(precision: str):
@@ -144,11 +149,23 @@ class Worker:
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
-    def step(self) -> float:
-        """One optimizer step; returns the gradient norm before clipping (0 if unknown)."""
+    def step(self) -> Optional[float]:
+        """One optimizer step; returns the gradient norm before clipping (None if unknown).
+
+        DeepSpeed reports the norm for its ZeRO and mixed-precision optimizers; for plain
+        fp32 ZeRO-0 it clips without keeping the norm, so it is measured here first.
+        """
+        import torch
+
+        norm = None
+        if self.spec.zero_stage == 0 and self.spec.precision == "fp32":
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        if norm is None:
+            reported = self.engine.get_global_grad_norm()
+            norm = float(reported) if reported is not None else None
+        return norm
 
     def lr(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])
