@@ -52,8 +52,9 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def apply_rule(name: str, fn, responses: list[str], rows: list[dict], timeout: float = RULE_TIMEOUT_S) -> torch.Tensor:
+def apply_rule(name: str, fn, responses: list[str], rows: list[dict], timeout: float | None = None) -> torch.Tensor:
     """``fn`` on every (response, row); [B] float. Raises RewardRuleError with the sample."""
+    timeout = RULE_TIMEOUT_S if timeout is None else timeout
     out = []
     for resp, row in zip(responses, rows):
         try:

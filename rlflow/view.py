@@ -84,9 +84,10 @@ def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
                     t.add(Text(f"← data: {', '.join(d['columns'])}", style="dim"))
                 else:
                     t.add(Text(f"← {src}: {', '.join(d['columns'])}", style="dim"))
-            if node.kind == "filter" and getattr(node, "target_groups", None):
+            if node.kind == "filter" and getattr(node, "variant", "") == "dynamic":
                 up = sorted(pg.upstream(name))
-                t.add(Text(f"↺ refills: re-runs {', '.join(up)} on fresh prompts until {node.target_groups} groups "
+                target = node.target_groups or p.data.batch_size
+                t.add(Text(f"↺ refills: re-runs {', '.join(up)} on fresh prompts until {target} groups are kept "
                            f"(at most {node.max_rounds} rounds)", style="yellow"))
     phases = getattr(p, "phases", None) or []
     if phases:

@@ -1,0 +1,171 @@
+"""The runtime on the tiny model: update invariance, reproducibility, filters, phases,
+checkpoints, failures. Uses builtin:tiny-arith-init (no SFT needed) to stay fast."""
+
+import json
+
+import pytest
+import torch
+
+from rlflow import Advantage, Eval, Filter, Generate, Loss, Model, Phase, Pipeline, Prompts, RefLogprob, Score, Value
+from rlflow.arith import signed_match
+from rlflow.engine import RefillError, Run
+from rlflow.graph import build
+
+INIT = "builtin:tiny-arith-init"
+
+
+def length(response, row):
+    """A reward with spread even for an untrained model."""
+    return float(len(response))
+
+
+def grpo(agg="seq-mean-token-mean", micro=None, **kw):
+    actor = Model(INIT, train=True, lr=1e-3, micro_batch_size=micro, grad_clip=None)
+    return Pipeline(
+        name="t", data=Prompts("builtin:arith", batch_size=4), models={"actor": actor, "ref": actor.frozen()},
+        nodes=[Generate("actor", n=4, max_new_tokens=4), Score(rule=length), RefLogprob("ref"),
+               Advantage("group_norm"), Loss("clip", kl_coef=0.04, agg=agg)],
+        steps=1, eval=None, **kw)
+
+
+def run_of(pipeline, tmp_path, name="run"):
+    run = Run(pipeline, build(pipeline), tmp_path / name)
+    run.setup()
+    return run
+
+
+def weights(run, model="actor"):
+    return torch.cat([p.detach().flatten().clone() for p in run.workers[model].module.parameters()])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_update_is_invariant_to_micro_batch_size(agg, tmp_path):
+    # Same seed -> same batch; the accumulated gradient of the mini-batch (what the
+    # optimizer step sees) must not depend on how the batch is cut into micro-batches.
+    grads = []
+    for micro in (None, 4, 5):
+        run = run_of(grpo(agg=agg, micro=micro), tmp_path, f"m{micro}")
+        worker = run.workers["actor"]
+        step = worker.step
+
+        def capture(step=step, worker=worker):
+            grads.append(torch.cat([p.grad.flatten().clone() for p in worker.module.parameters()]))
+            return step()
+
+        worker.step = capture
+        run.train(1)
+    assert grads[0].abs().max() > 0  # there was something to learn
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_seeded_runs_are_reproducible(tmp_path):
+    a = run_of(grpo(seed=3), tmp_path, "a")
+    a.train(2)
+    b = run_of(grpo(seed=3), tmp_path, "b")
+    b.train(2)
+    torch.testing.assert_close(weights(a), weights(b), rtol=0, atol=0)
+    la = [json.loads(x)["reward/mean"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["reward/mean"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
+def test_run_outputs_and_final_model_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = run_of(grpo(save_every=1), tmp_path)
+    run.train(1)
+    out = tmp_path / "run"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["nodes"][0]["kind"] == "generate" and cfg["nodes"][-1]["variant"] == "clip"
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("reward/mean", "loss/pg", "kl/mean", "clip_frac", "response_length/mean", "grad_norm/actor"):
+        assert key in rec, key
+    assert set(rec["nodes"]) == {"generate", "score", "ref_logprob", "advantage", "loss"}
+    assert rec["nodes"]["generate"]["tokens"] > 0
+    assert (out / "samples.jsonl").read_text().strip()
+    assert (out / "checkpoints" / "step_1" / "state.pt").exists()
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    m = AutoModelForCausalLM.from_pretrained(out / "final")
+    torch.testing.assert_close(torch.cat([p.flatten() for p in m.parameters()]), weights(run))
+
+
+def test_dynamic_sampling_refills_to_the_target(tmp_path):
+    actor = Model(INIT, train=True, lr=1e-3)
+    p = Pipeline(name="d", data=Prompts("builtin:arith", batch_size=3), models={"actor": actor},
+                 nodes=[Generate("actor", n=4, max_new_tokens=4),
+                        Score(rules={"r": (lambda resp, row: float(len(resp) % 2), 1.0)}),
+                        Filter("dynamic", target_groups=3, max_rounds=50), Advantage("group_norm"), Loss("clip")],
+                 steps=1, eval=None)
+    run = run_of(p, tmp_path)
+    batch, times, metrics = run.experience()
+    assert torch.unique(batch["group"]).numel() == 3 and len(batch) == 12
+    # every kept group has spread in its reward
+    for g in torch.unique(batch["group"]):
+        assert batch["rewards"][batch["group"] == g].std() > 0
+    assert metrics["filter/rounds"] >= 1
+
+
+def test_dynamic_sampling_out_of_rounds_is_a_clear_error(tmp_path):
+    actor = Model(INIT, train=True)
+    p = Pipeline(name="d", data=Prompts("builtin:arith", batch_size=2), models={"actor": actor},
+                 nodes=[Generate("actor", n=2, max_new_tokens=2), Score(rules={"const": (lambda r, row: 1.0, 1.0)}),
+                        Filter("dynamic", max_rounds=2), Advantage("group_norm"), Loss("clip")], steps=1, eval=None)
+    run = run_of(p, tmp_path)
+    with pytest.raises(RefillError, match="0 of 2 groups kept after 2 rounds"):
+        run.experience()
+
+
+def test_phase_trains_only_the_critic(tmp_path):
+    actor = Model(INIT, train=True, lr=1e-3)
+    p = Pipeline(name="v", data=Prompts("builtin:arith", batch_size=4), models={"actor": actor, "critic": actor.critic(lr=1e-3)},
+                 nodes=[Generate("actor", n=1, max_new_tokens=4), Score(rule=signed_match), Value("critic"),
+                        Advantage("gae", lambda_critic=1.0), Loss("clip"), Loss("value", model="critic", name="vl")],
+                 phases=[Phase(steps=1, train=["critic"])], steps=2, eval=None)
+    run = run_of(p, tmp_path)
+    a0, c0 = weights(run), weights(run, "critic")
+    run.ctx.step = 1
+    batch, times, _ = run.experience()
+    run.update(batch, times)
+    assert torch.equal(weights(run), a0)  # the actor is frozen during the phase
+    assert not torch.equal(weights(run, "critic"), c0)
+    run.ctx.step = 2
+    batch, times, _ = run.experience()
+    run.update(batch, times)
+    assert not torch.equal(weights(run), a0)  # after it, both learn
+
+
+@pytest.mark.parametrize("rule, words", [
+    (lambda r, row: 1 / 0, "raised ZeroDivisionError"),
+    (lambda r, row: float("nan"), "not a finite number"),
+    (lambda r, row: "yes", "not a finite number"),
+])
+def test_failing_reward_rule_names_the_sample(rule, words, tmp_path):
+    from rlflow.nodes.score import RewardRuleError
+
+    actor = Model(INIT, train=True)
+    p = Pipeline(name="r", data=Prompts("builtin:arith", batch_size=2), models={"actor": actor},
+                 nodes=[Generate("actor", n=2, max_new_tokens=2), Score(rules={"bad": rule}), Advantage("group_norm"), Loss("clip")],
+                 steps=1, eval=None)
+    run = run_of(p, tmp_path)
+    with pytest.raises(RewardRuleError, match=words) as e:
+        run.experience()
+    assert "on response" in str(e.value) and "'answer'" in str(e.value)
+
+
+def test_hanging_reward_rule_is_stopped(tmp_path, monkeypatch):
+    import time
+
+    import rlflow.nodes.score as score
+    from rlflow.nodes.score import RewardRuleError
+
+    monkeypatch.setattr(score, "RULE_TIMEOUT_S", 0.2)
+    actor = Model(INIT, train=True)
+    p = Pipeline(name="h", data=Prompts("builtin:arith", batch_size=1), models={"actor": actor},
+                 nodes=[Generate("actor", n=2, max_new_tokens=2), Score(rules={"slow": lambda r, row: time.sleep(5) or 1.0}),
+                        Advantage("group_norm"), Loss("clip")], steps=1, eval=None)
+    run = run_of(p, tmp_path)
+    t0 = time.perf_counter()
+    with pytest.raises(RewardRuleError, match="hung"):
+        run.experience()
+    assert time.perf_counter() - t0 < 3
