@@ -25,7 +25,7 @@ def test_all_equal_floats_give_exactly_zero_spread():
 
 
 def test_dynamic_keep_drops_zero_variance_groups_and_respects_tolerance():
-    metric = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5 + 1e-9])
+    metric = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5 + 1e-9], dtype=torch.float64)
     group = torch.tensor([0, 0, 1, 1, 2, 2])
     assert dynamic_keep(metric, group, 1e-6).tolist() == [False, False, True, True, False, False]
     assert dynamic_keep(metric, group, 0.0).tolist() == [False, False, True, True, True, True]
