@@ -30,8 +30,8 @@ Split = Literal["train", "eval"]
 # Filled in from the calibration below; see the comment for what they measured.
 # ---------------------------------------------------------------------------------------
 SFT_LR = 1e-3
-SFT_BATCH = 64
-SFT_STEPS = 500
+SFT_BATCH = 128
+SFT_STEPS = 200
 SFT_WARMUP = 0
 # Longest answer is 3 digits ("198") plus EOS.
 MAX_NEW_TOKENS = 4
@@ -166,9 +166,10 @@ def _wrong_sum(a: int, b: int, rng: random.Random) -> str:
 
 
 def pairs(split: Split, n: int | None = None, *, seed: int = 0) -> list[dict]:
-    """Preference rows ``{"prompt", "chosen", "rejected"}`` for DPO and reward models.
+    """Preference rows ``{"prompt", "answer", "chosen", "rejected"}`` for DPO and reward
+    models (``answer`` lets the rule reward score them).
 
-    ``chosen`` is the correct sum; ``rejected`` is a plausible wrong one (see
+    ``chosen`` is the correct sum (the answer); ``rejected`` is a plausible wrong one (see
     :func:`_wrong_sum`), never equal to ``chosen``. The rows are those of
     :func:`problems` with the same arguments, and each problem's ``rejected`` depends
     only on the problem and ``seed``.
@@ -176,7 +177,8 @@ def pairs(split: Split, n: int | None = None, *, seed: int = 0) -> list[dict]:
     rows = []
     for a, b in _operands(split, n, seed):
         rng = random.Random(f"{seed}:{a}+{b}")  # str seeds hash with sha512: stable across runs
-        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "chosen": str(a + b), "rejected": _wrong_sum(a, b, rng)})
+        answer = str(a + b)
+        rows.append({"prompt": f"{a}+{b}=", "answer": answer, "chosen": answer, "rejected": _wrong_sum(a, b, rng)})
     return rows
 
 

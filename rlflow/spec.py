@@ -637,7 +637,7 @@ class Eval(Spec):
     """Held-out evaluation: greedy accuracy of the trained policy under the Score rules."""
 
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
-    size: int = Field(200, ge=1)
+    size: int = Field(500, ge=1, description="held-out rows (the built-in task has 500)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="default: the Generate node's")
 
 

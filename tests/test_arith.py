@@ -143,9 +143,9 @@ def test_pairs_reject_a_plausible_wrong_sum():
     rows = arith.pairs("train", seed=0) + arith.pairs("eval")
     assert len(rows) == 8100
     for row in rows:
-        assert set(row) == {"prompt", "chosen", "rejected"}
+        assert set(row) == {"prompt", "answer", "chosen", "rejected"}
         a, b = map(int, row["prompt"].removesuffix("=").split("+"))
-        assert row["chosen"] == str(a + b)
+        assert row["chosen"] == row["answer"] == str(a + b)
         assert row["rejected"] != row["chosen"]
         # off by one, a carry dropped or added, or the hundreds dropped
         assert int(row["rejected"]) - (a + b) in {-100, -10, -1, 1, 10}
