@@ -217,7 +217,12 @@ def cmd_run(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlflow.view import LiveView, render_graph
 
-    out = Path(args.out) if args.out else Path("runs") / f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "checkpoints").exists():
+            raise UserError("RF109", f"--resume {out}: no checkpoints/ there (set pipeline.save_every to write them)")
+    else:
+        out = Path(args.out) if args.out else Path("runs") / f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     rank0 = int(os.environ.get("RANK", "0")) == 0
     console = _console()
     if rank0 and not args.quiet:
@@ -229,6 +234,8 @@ def cmd_run(args) -> int:
     run = Run(pipeline, pg, out, observer=view)
     try:
         run.setup()
+        if args.resume:
+            run.resume()
         run.train()
     finally:
         view.close()
@@ -262,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/<name>-<time>)")
     r.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter (repeatable)")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="static checks only; loads no model")

@@ -113,10 +113,16 @@ def make_batch(spec: DataSource, rows: list[dict[str, Any]], tokenizer, first_gr
 
 
 class DataStream:
-    """Endless seeded batches of ``spec.batch_size`` rows, epoch after epoch."""
+    """Endless seeded batches of ``spec.batch_size`` rows, epoch after epoch.
 
-    def __init__(self, spec: DataSource, tokenizer, *, seed: int):
+    With several processes, every rank walks the same shuffled order and takes its own
+    ``batch_size`` rows of each global batch of ``batch_size * world`` (whole prompts, so
+    groups never span ranks); group ids stay globally unique.
+    """
+
+    def __init__(self, spec: DataSource, tokenizer, *, seed: int, rank: int = 0, world: int = 1):
         self.spec, self.tokenizer, self.seed = spec, tokenizer, seed
+        self.rank, self.world = rank, world
         rows = load_rows(spec, "train")
         if not rows:
             raise DataError(f"{spec.source}: no rows")
@@ -135,13 +141,15 @@ class DataStream:
 
     def next(self) -> Batch:
         picked: list[dict] = []
-        while len(picked) < self.spec.batch_size:
+        per_rank = self.spec.batch_size
+        while len(picked) < per_rank * self.world:
             if self.pos >= len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._shuffle()
             picked.append(self.rows[self._order[self.pos]])
             self.pos += 1
-        batch = make_batch(self.spec, picked, self.tokenizer, first_group=self.groups_served)
+        mine = picked[self.rank * per_rank:(self.rank + 1) * per_rank]
+        batch = make_batch(self.spec, mine, self.tokenizer, first_group=self.groups_served + self.rank * per_rank)
         self.groups_served += len(picked)
         return batch
 

@@ -86,13 +86,18 @@ class Run:
     observer: Observer = field(default_factory=Observer)
     workers: dict[str, Worker] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    start_step: int = 0  # the last step done before this process started (resume)
+    resumed_eval: dict[str, float] = field(default_factory=dict)
 
     # --- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
+        from rlflow.models import setup_distributed
+
         p = self.pipeline
+        setup_distributed()
         torch.manual_seed(p.seed)
         random.seed(p.seed)
-        self.generator = torch.Generator().manual_seed(p.seed)
+        self.generator = torch.Generator().manual_seed(p.seed + 7919 * dist.rank())  # ranks sample differently
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if dist.rank() == 0:
             (self.out_dir / "config.json").write_text(json.dumps(p.to_config(), indent=2) + "\n")
@@ -105,7 +110,7 @@ class Run:
                                   f"{spec.precision}) in {time.perf_counter() - t0:.1f}s")
         self.policy = self._policy_name()
         self.tokenizer = self.workers[self.policy].tokenizer if self.policy else next(iter(self.workers.values())).tokenizer
-        self.data = DataStream(p.data, self.tokenizer, seed=p.seed)
+        self.data = DataStream(p.data, self.tokenizer, seed=p.seed, rank=dist.rank(), world=dist.world_size())
         self.runners = {n.name: RUNNERS[n.kind](n) for n in p.nodes if n.stage == "experience"}
         self.ctx = Context(workers=self.workers, graph=self.graph, generator=self.generator)
         self.metrics_file = (self.out_dir / "metrics.jsonl").open("a") if dist.rank() == 0 else None
@@ -123,9 +128,11 @@ class Run:
     def train(self, steps: Optional[int] = None) -> dict[str, Any]:
         steps = steps or self.pipeline.steps
         every = self.pipeline.eval.every if self.pipeline.eval else 0
-        before = self.evaluate(0)
+        before = self.resumed_eval if self.start_step else self.evaluate(0)
+        if dist.rank() == 0 and not self.start_step:
+            (self.out_dir / "eval_before.json").write_text(json.dumps(before) + "\n")
         started = time.perf_counter()
-        for step in range(1, steps + 1):
+        for step in range(self.start_step + 1, steps + 1):
             self.ctx.step = step
             t0 = time.perf_counter()
             batch, times, exp_metrics = self.experience()
@@ -370,6 +377,38 @@ class Run:
         if dist.rank() == 0:
             commit()
         return final
+
+    def resume(self, checkpoint: Optional[Path] = None) -> int:
+        """Continue from ``checkpoint`` (default: the latest in this run's directory):
+        weights, optimizer and scheduler state, RNG state and data position, so that the
+        remaining steps are the ones the uninterrupted run would have taken."""
+        ckpts = self.out_dir / "checkpoints"
+        if checkpoint is None:
+            found = sorted(ckpts.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if ckpts.exists() else []
+            found = [c for c in found if (c / "state.pt").exists()]
+            if not found:
+                raise FileNotFoundError(f"no checkpoint in {ckpts} to resume from")
+            checkpoint = found[-1]
+        for name, w in self.workers.items():
+            if w.trainable:
+                w.engine.load_checkpoint(str(checkpoint / name / "deepspeed"), tag="state")
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch"])
+        self.data.load_state(state["data"])
+        self.start_step = state["step"]
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.exists():  # keep the records up to the checkpoint, drop any written after it
+            kept = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            self.history = [r for r in kept if r["step"] <= self.start_step]
+            if dist.rank() == 0:
+                self.metrics_file.close()
+                metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+                self.metrics_file = metrics.open("a")
+        before = self.out_dir / "eval_before.json"
+        self.resumed_eval = json.loads(before.read_text()) if before.exists() else {}
+        self.observer.message(f"resumed from {checkpoint} (step {self.start_step})")
+        return self.start_step
 
     def save_final(self) -> None:
         """final/: the policy as a directory ``from_pretrained`` loads; other trained models in final-<name>/."""

@@ -25,7 +25,7 @@ def grpo(agg="seq-mean-token-mean", micro=None, **kw):
         name="t", data=Prompts("builtin:arith", batch_size=4), models={"actor": actor, "ref": actor.frozen()},
         nodes=[Generate("actor", n=4, max_new_tokens=4), Score(rule=length), RefLogprob("ref"),
                Advantage("group_norm"), Loss("clip", kl_coef=0.04, agg=agg)],
-        steps=1, eval=None, **kw)
+        **{"steps": 1, "eval": None, **kw})
 
 
 def run_of(pipeline, tmp_path, name="run"):
@@ -169,3 +169,17 @@ def test_hanging_reward_rule_is_stopped(tmp_path, monkeypatch):
     with pytest.raises(RewardRuleError, match="hung"):
         run.experience()
     assert time.perf_counter() - t0 < 3
+
+
+def test_resume_continues_exactly(tmp_path):
+    # 3 uninterrupted steps == 2 steps, stop, resume from the step-2 checkpoint, 1 more step
+    full = run_of(grpo(seed=5, save_every=2, steps=3), tmp_path, "full")
+    full.train(3)
+    part = run_of(grpo(seed=5, save_every=2, steps=3), tmp_path, "part")
+    part.train(2)
+    again = run_of(grpo(seed=5, save_every=2, steps=3), tmp_path, "part")
+    assert again.resume() == 2
+    again.train(3)
+    torch.testing.assert_close(weights(again), weights(full), rtol=0, atol=0)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
