@@ -326,9 +326,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         if args.debug:
             traceback.print_exc()
-        code = EXIT_USAGE if isinstance(e, (ModelLoadError, DataError)) else 1
+        if isinstance(e, (ModelLoadError, DataError)):  # bad input found while loading: no traceback to offer
+            err.print(f"error: {e}", markup=False)
+            return EXIT_USAGE
         err.print(f"error: {type(e).__name__}: {e}" + ("" if args.debug else "\n(run with --debug for the traceback)"), markup=False)
-        return code
+        return 1
 
 
 if __name__ == "__main__":

@@ -101,7 +101,10 @@ def _quiet_transformers() -> None:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -188,7 +191,10 @@ def place(name: str, spec: Model, *, steps: int, on_build: Optional[Callable[[st
     setup_distributed()
     _quiet_transformers()
     path = resolve(spec.path, on_build=on_build)
-    tokenizer = (shared or {}).get(path) or load_tokenizer(path)
+    try:
+        tokenizer = (shared or {}).get(path) or load_tokenizer(path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"model {name!r}: {e}") from e
     if shared is not None:
         shared[path] = tokenizer
     module = load_module(spec, path)

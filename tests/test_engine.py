@@ -183,3 +183,32 @@ def test_resume_continues_exactly(tmp_path):
     torch.testing.assert_close(weights(again), weights(full), rtol=0, atol=0)
     steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_a_local_model_directory_loads_like_a_builtin(tmp_path):
+    # The path a user gives (a directory saved with save_pretrained) takes the same code.
+    from rlflow.builtin import ensure_builtin
+
+    local = str(ensure_builtin("tiny-arith-init"))
+    p = grpo().model_copy(update={"models": {"actor": Model(local, train=True), "ref": Model(local)}})
+    run = run_of(p, tmp_path)
+    run.train(1)
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_preference_pairs_from_jsonl_train_dpo(tmp_path):
+    import json as js
+
+    from rlflow import Pairs
+
+    rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(10, 22)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(js.dumps(r) + "\n" for r in rows))
+    actor = Model(INIT, train=True, lr=1e-3)
+    p = Pipeline(name="dpo", data=Pairs(str(path), batch_size=4, eval_source=str(path)), models={"actor": actor, "ref": actor.frozen()},
+                 nodes=[RefLogprob("ref"), Loss("dpo", beta=0.5)], steps=5, eval=Eval(size=12))
+    run = run_of(p, tmp_path)
+    summary = run.train(5)
+    assert "eval/preference_accuracy" in summary["eval_after"]
+    losses = [js.loads(x)["loss/dpo"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[0] > 0.69 and min(losses[1:]) < losses[0]  # log 2 at the start, then it moves
