@@ -212,3 +212,27 @@ def test_preference_pairs_from_jsonl_train_dpo(tmp_path):
     assert "eval/preference_accuracy" in summary["eval_after"]
     losses = [js.loads(x)["loss/dpo"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[0] > 0.69 and min(losses[1:]) < losses[0]  # log 2 at the start, then it moves
+
+
+def test_reward_model_trained_then_used_by_path_in_ppo(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlflow import Pairs
+
+    rm = Model(INIT, head="reward", train=True, lr=1e-3)
+    p = Pipeline(name="rm", data=Pairs("builtin:arith", batch_size=8), models={"rm": rm},
+                 nodes=[Loss("bradley_terry", model="rm")], steps=2, eval=Eval(size=16))
+    summary = run_of(p, tmp_path, "rm").train(2)
+    assert "eval/rm_accuracy/rm" in summary["eval_after"]
+    final = tmp_path / "rm" / "final"
+    AutoModelForSequenceClassification.from_pretrained(final)  # a standard HF reward model
+
+    actor = Model(INIT, train=True)
+    ppo = Pipeline(name="ppo", data=Prompts("builtin:arith", batch_size=4),
+                   models={"actor": actor, "critic": actor.critic(), "rm": Model(str(final), head="reward")},
+                   nodes=[Generate("actor", n=1, max_new_tokens=4), Score(model="rm"), Value("critic"), Advantage("gae"),
+                          Loss("clip"), Loss("value", model="critic", name="value_loss")], steps=1, eval=None)
+    run = run_of(ppo, tmp_path, "ppo")
+    batch, _, metrics = run.experience()
+    assert "reward/model" in metrics and batch["rewards"].abs().sum() > 0
+    run.update(batch, {})
