@@ -1,7 +1,7 @@
 """GRPO step time of rlflow on any Hugging Face causal-LM directory, with a hand-written
 plain-PyTorch GRPO step on the same model and batch shapes as the baseline, side by side.
 
-    .venv/bin/python benchmarks/grpo_step.py --model ~/.cache/rlflow/models/tiny-arith-v1 --threads 2
+    .venv/bin/python benchmarks/grpo_step.py --model path/to/any/hf-causal-lm --threads 2
     .venv/bin/python benchmarks/grpo_step.py --model builtin:tiny-arith --threads 1 --steps 10 --warmup 3
 
 Configuration (fixed, so that other frameworks can be run on the same work): 16 prompts x

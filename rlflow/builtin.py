@@ -18,7 +18,16 @@ from typing import Callable, Optional
 
 from rlflow.models import cache_dir
 
-VERSION = "v1"  # bump when the recipe changes, so stale caches are rebuilt
+VERSION = "v2"  # bump when the model or data change, so stale caches are rebuilt
+
+
+def _recipe_key(name: str) -> str:
+    """The cache key of a built-in: it changes whenever its recipe does."""
+    if name != "tiny-arith":
+        return VERSION
+    from rlflow import arith
+
+    return f"{VERSION}-sft{arith.SFT_STEPS}x{arith.SFT_BATCH}-lr{arith.SFT_LR:g}-w{arith.SFT_WARMUP}"
 
 
 @contextmanager
@@ -34,7 +43,7 @@ def _lock(path: Path):
 
 def ensure_builtin(name: str, *, on_build: Optional[Callable[[str], None]] = None) -> Path:
     """The directory of built-in model ``name``, building it first if it is not cached."""
-    target = cache_dir() / "models" / f"{name}-{VERSION}"
+    target = cache_dir() / "models" / f"{name}-{_recipe_key(name)}"
     if (target / "config.json").exists():
         return target
     say = on_build or (lambda msg: None)

@@ -1,0 +1,63 @@
+"""Every shipped pipeline: a fast run of a couple of steps (default suite), and a
+learning run at its full budget that must raise the held-out figure (marked slow:
+`make test-slow`)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlflow.engine import Run
+from rlflow.graph import build
+from rlflow.loader import apply_overrides, load_pipeline
+
+PIPES = sorted(p for p in (Path(__file__).parent.parent / "pipelines").glob("*.py") if p.name != "__init__.py")
+SMALL = {"data.batch_size=4", "pipeline.eval=null"}
+
+
+def small(path):
+    p = load_pipeline(path)
+    sets = ["data.batch_size=4", "pipeline.eval=null"]
+    if p.name == "sft":  # its own model is the untrained one; keep it
+        sets.append("policy.micro_batch_size=2")
+    return apply_overrides(p, sets)
+
+
+@pytest.mark.parametrize("path", PIPES, ids=[p.stem for p in PIPES])
+def test_pipeline_runs_two_steps(path, tmp_path):
+    p = small(path)
+    run = Run(p, build(p), tmp_path / p.name)
+    run.setup()
+    run.train(2)
+    records = [json.loads(x) for x in (tmp_path / p.name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    losses = [k for k in records[-1] if k.startswith("loss/")]
+    assert losses, records[-1]
+    assert all(isinstance(records[-1][k], float) for k in losses)
+
+
+# The figure each learning run must raise, and by how much (points of accuracy), within
+# the pipeline's own step budget. Measured figures are in docs/algorithms.md.
+LEARNING = {
+    "grpo": ("eval/accuracy", 25), "dr_grpo": ("eval/accuracy", 15), "dapo": ("eval/accuracy", 15),
+    "rloo": ("eval/accuracy", 15), "reinforce_pp": ("eval/accuracy", 15), "remax": ("eval/accuracy", 15),
+    "ppo": ("eval/accuracy", 15), "vc_ppo": ("eval/accuracy", 15), "vapo": ("eval/accuracy", 15),
+    "dpo": ("eval/preference_accuracy", 15), "online_dpo": ("eval/accuracy", 15),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LEARNING) + ["reward_model"])
+def test_pipeline_learns(name, tmp_path):
+    p = load_pipeline(Path(__file__).parent.parent / "pipelines" / f"{name}.py")
+    run = Run(p, build(p), tmp_path / name)
+    run.setup()
+    s = run.train()
+    if name == "reward_model":
+        assert s["eval_after"]["eval/rm_accuracy/rm"] >= 0.90
+        return
+    key, points = LEARNING[name]
+    assert s["eval_after"][key] - s["eval_before"][key] >= points / 100, (s["eval_before"], s["eval_after"])
+    if name in ("dpo", "online_dpo"):  # preference training must also help the task itself
+        assert s["eval_after"]["eval/accuracy"] > s["eval_before"]["eval/accuracy"]
+    assert s["reward/end"] is None or s["reward/end"] > s["reward/start"]
