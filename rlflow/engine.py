@@ -171,6 +171,7 @@ class Run:
         tail = [n for n in order if n.name not in before and n.name != f.name]
         kept: list[Batch] = []
         rounds = groups = 0
+        seen = 0.0
         while groups < target:
             if rounds >= f.max_rounds:
                 if f.allow_short and groups:
@@ -185,10 +186,13 @@ class Run:
             for node in head:
                 batch = self._run_node(node, batch, times, metrics)
             batch = self._run_node(f, batch, times, metrics)
+            seen += metrics["filter/groups_seen"]
             kept.append(batch)
             groups += int(torch.unique(batch["group"]).numel()) if len(batch) else 0
         batch = self.runners[f.name].truncate(Batch.cat(kept), target)
         metrics["filter/rounds"] = float(rounds)
+        metrics["filter/groups_seen"] = seen  # over every round
+        metrics["filter/keep_frac"] = groups / max(seen, 1.0)
         metrics["filter/groups_kept"] = float(groups)
         for node in tail:
             batch = self._run_node(node, batch, times, metrics)
