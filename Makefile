@@ -32,7 +32,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 bench: install
-	$(PY) benchmarks/grpo_learning.py --seeds 0 1 2
+	$(PY) benchmarks/learning.py --pipelines grpo --seeds 0 1 2
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

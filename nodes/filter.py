@@ -86,9 +86,7 @@ class FilterRunner:
             order = torch.stack([c, r], dim=1).flatten() if len(c) else torch.zeros(0, dtype=torch.long)
             pairs = batch.select(order)
             pairs["chosen"] = torch.tensor([1.0, 0.0]).repeat(len(c))
-            n = int(torch.unique(batch["group"]).numel())
-            if not len(c):
-                raise RuntimeError(f"{s.name}: every one of the {n} groups had tied scores; no preference pair to train on")
+            # every group tied: an empty batch, and the engine skips this step's update
             return pairs, {"filter/pairs": float(len(c)), "filter/ties_dropped": float(ties)}
         raise ValueError(f"unknown filter variant {s.variant!r}")
 

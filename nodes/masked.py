@@ -105,8 +105,10 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: AggMode, counts
     token-mean               Σ_{i,t} m ℓ / Σ m
     seq-mean-token-mean      (1/B') Σ_i (Σ_t m ℓ) / L_i
     seq-mean-token-sum       (1/B') Σ_i Σ_t m ℓ
-    seq-mean-token-sum-norm  Σ_{i,t} m ℓ / (B · C)      (Dr. GRPO, TRL; not verl's form without 1/B)
-    B' counts only sequences whose mask is not empty.
+    seq-mean-token-sum-norm  Σ_{i,t} m ℓ / (B' · C)     (Dr. GRPO, TRL; not verl's form without 1/B)
+    B' counts only sequences whose mask is not empty (Part A §3: an empty sequence, e.g.
+    one masked by overlong filtering, counts in no sequence mean; TRL's dr_grpo would
+    count it in B).
     """
     m = mask.to(per_token.dtype)
     if mode == "token-mean":
@@ -118,5 +120,5 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: AggMode, counts
     if mode == "seq-mean-token-sum":
         return (per_token * m).sum() / max(counts.seqs, 1.0)
     if mode == "seq-mean-token-sum-norm":
-        return (per_token * m).sum() / (max(counts.rows, 1.0) * counts.constant)
+        return (per_token * m).sum() / (max(counts.seqs, 1.0) * counts.constant)
     raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")

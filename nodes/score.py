@@ -83,13 +83,16 @@ class ScoreRunner:
     def __init__(self, spec: Score):
         self.spec = spec
 
-    def _score(self, batch: Batch, ctx: Context, texts: list[str], ids_col: str, mask_col: str, metrics: dict, prefix: str) -> torch.Tensor:
+    def _score(self, batch: Batch, ctx: Context, texts: list[str], ids_col: str, mask_col: str, metrics: dict, prefix: str,
+               parts: bool = False) -> torch.Tensor:
         s = self.spec
         rows = list(iter_rows(batch, [c for c in ("prompt", "answer") if c in batch] + [c for c in batch.keys() if c.startswith("meta_")]))
         total = torch.zeros(len(batch))
         for name, rule in s.rules.items():
             part = apply_rule(name, rule.fn, texts, rows)
             metrics[f"{prefix}/{name}"] = float(part.mean())
+            if parts:
+                batch[f"rewards_{name}"] = part
             total += rule.weight * part
         if s.model is not None:
             from rlflow.forward import sequence_scores
@@ -107,7 +110,8 @@ class ScoreRunner:
 
     def run(self, batch: Batch, ctx: Context):
         metrics: dict[str, float] = {}
-        batch["rewards"] = self._score(batch, ctx, batch["response"], "response_ids", "response_mask", metrics, "reward")
+        batch["rewards"] = self._score(batch, ctx, batch["response"], "response_ids", "response_mask", metrics, "reward", parts=True)
+        metrics["reward/mean"] = float(batch["rewards"].mean())  # every sample scored, before any filter
         if self.spec.score_greedy:
             batch["baseline_rewards"] = self._score(batch, ctx, batch["greedy_response"], "greedy_response_ids",
                                                     "greedy_response_mask", metrics, "baseline_reward")

@@ -6,9 +6,12 @@ advantages, whitened over the batch; the actor takes clipped steps (token-mean) 
 critic a clipped value loss. ALGORITHMS.md §1.
 
     rlflow run pipelines/ppo.py
-    rlflow run pipelines/ppo.py --set advantage.lam=1.0 --set pipeline.ppo_epochs=2
-    # with the reward model that pipelines/reward_model.py trained, instead of the rule:
-    #   --set score.model='"rm"' after adding  "rm": Model("runs/<rm-run>/final", head="reward")
+    rlflow run pipelines/ppo.py --set advantage.lam=1.0 --set pipeline.ppo_epochs=1
+
+To score with the reward model that pipelines/reward_model.py trained instead of the
+rule, declare it and point Score at it (rules and a model add up when both are given):
+    models={..., "rm": Model("runs/<reward_model-run>/final", head="reward")}
+    Score(model="rm")
 """
 
 from rlflow import Advantage, Generate, Loss, Model, Pipeline, Prompts, RefLogprob, Score, Value

@@ -1,6 +1,6 @@
 """SFT — supervised fine-tuning on demonstrations (next-token NLL on the completion).
 
-Trains a freshly initialised ~0.8M-parameter Llama (`builtin:tiny-arith-init`) on
+Trains a freshly initialised ~0.66M-parameter Llama (`builtin:tiny-arith-init`) on
 two-digit addition; this is the recipe that builds `builtin:tiny-arith` on first use.
 It stops on purpose at a moderate held-out accuracy (about 20-40 %), so that the RL
 pipelines have room to improve it.

@@ -34,4 +34,5 @@ pipeline = Pipeline(
     ],
     phases=[Phase(steps=20, train=["critic"])],  # value pretraining (the paper: ~50 steps)
     steps=220,
+    mini_batches=4,  # the paper: mini-batch 512 of 8192 responses
 )

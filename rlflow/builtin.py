@@ -1,6 +1,6 @@
 """Built-in models, made on this machine (no download) and cached.
 
-``builtin:tiny-arith-init`` is a freshly initialised ~0.8M-parameter Llama with a
+``builtin:tiny-arith-init`` is a freshly initialised ~0.66M-parameter Llama with a
 character tokenizer for two-digit addition (``rlflow.arith``). ``builtin:tiny-arith``
 is that model after the project's own SFT pipeline (``pipelines/sft.py``): trained on
 first use, cached under ``$RLFLOW_CACHE`` (default ``~/.cache/rlflow``), and loaded

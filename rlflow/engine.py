@@ -136,7 +136,11 @@ class Run:
             self.ctx.step = step
             t0 = time.perf_counter()
             batch, times, exp_metrics = self.experience()
-            upd_metrics = self.update(batch, times)
+            if len(batch):
+                upd_metrics = self.update(batch, times)
+            else:
+                upd_metrics = {"update/skipped": 1.0}
+                self.observer.message(f"step {step}: the filters kept no rows; no update this step")
             record = self._record(step, batch, times, {**exp_metrics, **upd_metrics}, time.perf_counter() - t0)
             if every and step % every == 0 and step != steps:
                 record.update(self.evaluate(step))
@@ -163,6 +167,8 @@ class Run:
             batch = self.data.next()
             for node in order:
                 batch = self._run_node(node, batch, times, metrics)
+                if not len(batch):  # a filter kept nothing: nothing more to compute this step
+                    break
             return batch, times, metrics
         f = filters[0]
         target = f.target_groups or self.pipeline.data.batch_size
@@ -208,7 +214,8 @@ class Run:
         dt = time.perf_counter() - t0
         prev = times.get(node.name)
         tokens = _tokens(batch) if node.kind == "generate" or node.kind in ("ref_logprob", "value") else 0
-        times[node.name] = NodeTime(dt + (prev.seconds if prev else 0), len(batch), tokens + (prev.tokens if prev else 0))
+        times[node.name] = NodeTime(dt + (prev.seconds if prev else 0), len(batch) + (prev.rows if prev else 0),
+                                    tokens + (prev.tokens if prev else 0))  # summed over refill rounds
         metrics.update(m or {})
         return batch
 
@@ -339,11 +346,9 @@ class Run:
 
     def _record(self, step: int, batch: Batch, times: dict[str, NodeTime], metrics: dict[str, float], seconds: float) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": step, "seconds": round(seconds, 4), "rows": len(batch)}
-        if "rewards" in batch:
-            rec["reward/mean"] = float(batch["rewards"].float().mean())
-        if "response_mask" in batch:
+        if "response_mask" in batch and len(batch):  # of the rows trained on (after any filter)
             rec["response_length/mean"] = float(batch["response_mask"].sum(-1).float().mean())
-        if "truncated" in batch:
+        if "truncated" in batch and len(batch):
             rec["truncated/frac"] = float(batch["truncated"].float().mean())
         rec.update({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()})
         rec["nodes"] = {k: t.as_dict() for k, t in times.items()}

@@ -112,8 +112,9 @@ class PipelineGraph:
         return nx.ancestors(self.graph, name) - {DATA}
 
     def stages(self) -> list[list[str]]:
-        """Nodes grouped by depth: nodes within one stage have no path between them."""
-        g = self.graph.subgraph([n for n in self.graph if n != DATA])
+        """Experience nodes grouped by depth (nodes within one stage have no path between
+        them, so they could run concurrently); the update (Loss) nodes are not included."""
+        g = self.graph.subgraph([n for n in self.graph if n != DATA and self.node(n).stage == "experience"])
         return [sorted(gen) for gen in nx.topological_generations(g)] if nx.is_directed_acyclic_graph(g) else []
 
 
@@ -192,6 +193,8 @@ def build(pipeline: Pipeline) -> PipelineGraph:
     loss_reads = set().union(*(n.reads() for n in pipeline.nodes)) if pipeline.nodes else set()
     for n in pipeline.nodes:
         for col in n.writes():
+            if col.startswith("rewards_"):  # per-rule parts: there to be read when wanted
+                continue
             if col not in loss_reads and col not in _ENGINE_READS and pg.writer.get(col) == n.name:
                 problems.append(Problem("RF010", n.name, col, f"writes {col!r} that no node reads", severity="warning"))
     return pg
@@ -246,14 +249,27 @@ def _check_groups(pipeline: Pipeline, pg: PipelineGraph) -> None:
                     pg.problems.append(Problem("RF009", n.name, "variant",
                                                f"{n.variant!r} needs a group baseline, but {gen.name!r} samples n={gen.n} per prompt",
                                                "n >= 2", f"n={gen.n}", f"set {gen.name}.n >= 2, or use a variant without a group baseline"))
-    needs_gen = [n for n in pipeline.nodes if isinstance(n, LossSpec) and getattr(n, "agg", None) == "seq-mean-token-sum-norm"
-                 and getattr(n, "agg_constant", None) is None]
+        if n.kind == "filter" and getattr(n, "variant", "") == "pairs":
+            for a in _ancestors(pg, n.name):
+                gen = pipeline.node(a)
+                if gen.kind == "generate" and gen.n < 2:
+                    pg.problems.append(Problem("RF009", n.name, "variant", f"best-vs-worst pairs need n >= 2 samples per prompt, "
+                                               f"but {gen.name!r} samples n={gen.n}", "n >= 2", f"n={gen.n}", f"set {gen.name}.n >= 2"))
     gens = [n for n in pipeline.nodes if isinstance(n, Generate)]
-    for n in needs_gen:
+    for n in pipeline.nodes:
+        if isinstance(n, LossSpec) and getattr(n, "agg", None) == "seq-mean-token-sum-norm" and getattr(n, "agg_constant", None) is None:
+            field, what = "agg_constant", "seq-mean-token-sum-norm takes C from Generate.max_new_tokens"
+            hint = "one Generate node or agg_constant=C"
+        elif n.kind == "score" and getattr(n, "overlong_buffer", None):
+            field, what = "overlong_buffer", "the overlong punishment takes L_max from Generate.max_new_tokens"
+            hint = "one Generate node"
+        else:
+            continue
         if len(gens) != 1:
-            pg.problems.append(Problem("RF012", n.name, "agg_constant",
-                                       "seq-mean-token-sum-norm takes C from Generate.max_new_tokens, but there is no single Generate node",
-                                       "one Generate node or agg_constant=C", f"{len(gens)} Generate nodes"))
+            pg.problems.append(Problem("RF012", n.name, field, f"{what}, but there is no single Generate node", hint, f"{len(gens)} Generate nodes"))
+        elif n.kind == "score" and n.overlong_buffer >= gens[0].max_new_tokens:
+            pg.problems.append(Problem("RF012", n.name, field, "the overlong buffer must be shorter than max_new_tokens",
+                                       f"< {gens[0].max_new_tokens}", str(n.overlong_buffer)))
 
 
 def _ancestors(pg: PipelineGraph, name: str) -> set[str]:

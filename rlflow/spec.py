@@ -231,7 +231,8 @@ class Score(Node):
 
     ``rule`` is shorthand for ``rules={fn.__name__: fn}``. Each rule is called as
     ``fn(response_text, row) -> float`` where ``row`` holds the row's text fields
-    (``prompt``, ``answer``, ...). Each part is logged as ``reward/<name>``.
+    (``prompt``, ``answer``, ...). Each part is logged as ``reward/<name>`` and written
+    unweighted as the column ``rewards_<name>`` (e.g. a Filter metric).
     DAPO's soft overlong punishment is on when ``overlong_buffer`` is set (§7.2).
     """
 
@@ -265,6 +266,9 @@ class Score(Node):
             object.__setattr__(self, "rule", None)
         if not self.rules and self.model is None:
             raise ValueError("Score needs a rule (rule=fn or rules={...}) or a reward model (model='rm')")
+        clash = sorted(set(self.rules) & {"mean", "model", "overlong"})
+        if clash:
+            raise ValueError(f"rule name {clash[0]!r} is reserved (it names another reward metric); rename the rule")
         return self
 
     def reads(self):
@@ -276,7 +280,8 @@ class Score(Node):
         return out
 
     def writes(self):
-        return {"rewards": "seq", **({"baseline_rewards": "seq"} if self.score_greedy else {})}
+        parts: dict[str, Level] = {f"rewards_{name}": "seq" for name in self.rules}  # each rule's own score
+        return {"rewards": "seq", **parts, **({"baseline_rewards": "seq"} if self.score_greedy else {})}
 
     def model_refs(self):
         return {"model": self.model} if self.model else {}

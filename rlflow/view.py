@@ -71,11 +71,10 @@ def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
     data = root.add(Text.assemble(("data", "bold"), f" [{p.data.kind}] {p.data.source} batch_size={p.data.batch_size}"))
     data.add(Text("writes " + ", ".join(p.data.writes()), style="dim"))
     stages = pg.stages()
+    updates = [n.name for n in p.nodes if n.stage == "update"]
     loop = Text(f"update: {p.ppo_epochs} epoch(s) x {p.mini_batches} mini-batch(es)", style="bold")
-    for i, stage in enumerate(stages):
-        names = [n for n in stage]
-        is_update = all(pg.node(n).stage == "update" for n in names)
-        branch = root.add(loop if is_update and i == len(stages) - 1 else Text(f"stage {i + 1}", style="bold"))
+    for i, names in enumerate(stages + ([updates] if updates else [])):
+        branch = root.add(loop if i == len(stages) else Text(f"stage {i + 1}", style="bold"))
         for name in names:
             node = pg.node(name)
             t = branch.add(Text.assemble((node_label(node), "cyan"), "  ", node_params(node, everything)))

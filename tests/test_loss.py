@@ -267,7 +267,7 @@ AGG_CASES = [
     ("token-mean", 15 / 5, -1 / 5, -1 / 5),  # (1+2+3+4+5)/5 = 3
     ("seq-mean-token-mean", (6 / 3 + 9 / 2) / 2, -1 / 6, -1 / 4),  # (2 + 4.5)/2 = 3.25
     ("seq-mean-token-sum", (6 + 9) / 2, -1 / 2, -1 / 2),  # 15/B' = 7.5
-    ("seq-mean-token-sum-norm", 15 / (3 * 4), -1 / 12, -1 / 12),  # 15/(B·C) = 1.25: the empty row counts in B
+    ("seq-mean-token-sum-norm", 15 / (2 * 4), -1 / 8, -1 / 8),  # 15/(B'·C) = 1.875: the empty row does not count (Part A §3)
 ]
 
 
