@@ -32,3 +32,11 @@ def all_reduce_sum(tensor):
     if world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        dist.barrier()

@@ -67,6 +67,10 @@ class NodeTime:
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
 
 
+def _state_file(rank: int) -> str:
+    return "state.pt" if rank == 0 else f"state.rank{rank}.pt"
+
+
 def _masked(cols: dict[str, Any], mask: str) -> dict[str, Any]:
     """The columns a loss sees: its own mask column stands in for ``response_mask``."""
     return cols if mask == "response_mask" else {**cols, "response_mask": cols[mask]}
@@ -376,15 +380,21 @@ class Run:
         """
         final = self.out_dir / "checkpoints" / f"step_{step}"
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp, commit = atomic_dir(final)
+        commit = None
+        if dist.rank() == 0:
+            tmp, commit = atomic_dir(final)
+        dist.barrier()
+        tmp = final.with_name(final.name + ".tmp")
         for name, w in self.workers.items():
             if w.trainable:
                 w.save_pretrained(tmp / name)
-                w.engine.save_checkpoint(str(tmp / name / "deepspeed"), tag="state")
-        torch.save({"step": step, "generator": self.generator.get_state(), "torch": torch.get_rng_state(),
-                    "data": self.data.state()}, tmp / "state.pt")
-        if dist.rank() == 0:
+                w.engine.save_checkpoint(str(tmp / name / "deepspeed"), tag="state")  # every rank its shard
+        state = {"step": step, "generator": self.generator.get_state(), "torch": torch.get_rng_state(), "data": self.data.state()}
+        torch.save(state, tmp / _state_file(dist.rank()))  # each rank its own random state
+        dist.barrier()  # every rank has written before the rename
+        if commit:
             commit()
+        dist.barrier()
         return final
 
     def resume(self, checkpoint: Optional[Path] = None) -> int:
@@ -401,7 +411,7 @@ class Run:
         for name, w in self.workers.items():
             if w.trainable:
                 w.engine.load_checkpoint(str(checkpoint / name / "deepspeed"), tag="state")
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        state = torch.load(checkpoint / _state_file(dist.rank()), weights_only=False)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
         self.data.load_state(state["data"])
@@ -425,9 +435,10 @@ class Run:
             if not w.trainable:
                 continue
             target = self.out_dir / ("final" if name == self.policy or len(self._trained()) == 1 else f"final-{name}")
-            tmp, commit = atomic_dir(target)
+            tmp, commit = atomic_dir(target) if dist.rank() == 0 else (target.with_name(target.name + ".tmp"), None)
             w.save_pretrained(tmp)
-            if dist.rank() == 0:
+            dist.barrier()
+            if commit:
                 commit()
 
     def _trained(self) -> list[str]:

@@ -175,12 +175,15 @@ class Worker:
 
     def save_pretrained(self, directory: Path) -> None:
         """The model (and tokenizer) as a directory ``from_pretrained`` can load."""
-        directory.mkdir(parents=True, exist_ok=True)
+        from rlflow import dist
+
         state = None
-        if self.spec.zero_stage == 3 and self.trainable:
+        if self.spec.zero_stage == 3 and self.trainable:  # collective: every rank takes part
             state = self.engine._zero3_consolidated_16bit_state_dict()
-        self.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
+        if dist.rank() == 0:  # one writer
+            directory.mkdir(parents=True, exist_ok=True)
+            self.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
 
 
 def place(name: str, spec: Model, *, steps: int, on_build: Optional[Callable[[str], None]] = None, shared: Optional[dict] = None) -> Worker:
