@@ -1,7 +1,9 @@
 """Generate: n samples per prompt from the policy's own weights, with a KV cache.
 
 Writes response_ids / response_mask [B*n, T] (EOS included in the mask, ALGORITHMS.md
-Part A §2), old_logprobs [B*n, T] at the sampling temperature (Part A §1), truncated
+Part A §2), old_logprobs [B*n, T] at the sampling temperature (Part A §1) — from the
+sampling pass itself, or with ``recompute_logprobs=True`` from a second full forward as
+verl and TRL do (the two agree to ~1e-6 in fp32; in bf16 recompute them), truncated
 [B*n] and the decoded response texts. Rows of one prompt stay together and share its
 ``group``. With ``greedy_baseline=True`` it also decodes one greedy response per
 prompt (ReMax), repeated on each of the prompt's rows.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from rlflow.batch import Batch
-from rlflow.forward import decode, sample
+from rlflow.forward import decode, response_logprobs, sample
 from rlflow.node import Context, runner
 from rlflow.spec import Generate
 
@@ -34,6 +36,9 @@ class GenerateRunner:
         rows["response_ids"] = out.response_ids
         rows["response_mask"] = out.response_mask
         rows["old_logprobs"] = out.logprobs
+        if s.recompute_logprobs:  # the trainer's own forward, as verl and TRL do (ALGORITHMS.md §0.1)
+            rows["old_logprobs"] = response_logprobs(worker.engine, rows["prompt_ids"], rows["prompt_mask"],
+                                                     out.response_ids, out.response_mask, temperature=s.temperature)
         rows["truncated"] = out.truncated
         rows["response"] = decode(tok, out.response_ids, out.response_mask)
         rows.meta["temperature"] = s.temperature

@@ -206,6 +206,8 @@ class Generate(Node):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     greedy_baseline: bool = False
+    recompute_logprobs: bool = Field(False, description="old log-probs from a second full forward (as verl/TRL) "
+                                     "instead of the sampling pass; they agree to ~1e-6 in fp32, less in bf16")
 
     def __init__(self, model: Optional[str] = None, /, **kw: Any):
         if model is not None:

@@ -236,3 +236,18 @@ def test_reward_model_trained_then_used_by_path_in_ppo(tmp_path):
     batch, _, metrics = run.experience()
     assert "reward/model" in metrics and batch["rewards"].abs().sum() > 0
     run.update(batch, {})
+
+
+def test_recomputed_old_logprobs_match_the_sampling_pass(tmp_path):
+    p = grpo()
+    p = p.model_copy(update={"nodes": [Generate("actor", n=4, max_new_tokens=4, recompute_logprobs=True), *p.nodes[1:]]})
+    run = run_of(p, tmp_path)
+    batch, _, _ = run.experience()
+    assert batch["old_logprobs"].shape == batch["response_mask"].shape
+    # the first ratio is 1: the loss's own forward equals the recomputed old log-probs exactly
+    from rlflow.forward import response_logprobs
+
+    w = run.workers["actor"]
+    with torch.no_grad():
+        lp = response_logprobs(w.engine, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
+    torch.testing.assert_close(lp, batch["old_logprobs"], rtol=0, atol=1e-6)
