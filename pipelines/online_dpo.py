@@ -8,7 +8,7 @@ and counted); the DPO loss against the frozen reference follows. ALGORITHMS.md Â
     rlflow run pipelines/online_dpo.py --set generate.n=2
 """
 
-from rlflow import Filter, Generate, Loss, Model, Pipeline, Prompts, RefLogprob, Score
+from rlflow import Eval, Filter, Generate, Loss, Model, Pipeline, Prompts, RefLogprob, Score
 from rlflow.arith import MAX_NEW_TOKENS, exact_match
 
 actor = Model("builtin:tiny-arith", train=True, lr=1e-4)
@@ -26,4 +26,5 @@ pipeline = Pipeline(
         Loss("dpo", model="actor", beta=0.1),
     ],
     steps=200,
+    eval=Eval(pairs="builtin:arith"),  # also the preference accuracy on held-out pairs
 )

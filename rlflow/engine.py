@@ -317,19 +317,26 @@ class Run:
             out["eval/accuracy"] = greedy_accuracy(worker.module, worker.tokenizer, [r[spec.prompt_field] for r in rows],
                                                    [str(r["answer"]) for r in rows], rule, max_new_tokens=max_new)
         if spec.kind == "pairs":
-            out.update(self._pair_accuracy(rows))
+            out.update(self._pair_accuracy(spec, rows))
+        elif ev.pairs:
+            from rlflow.spec import Pairs
+
+            pairs_spec = Pairs(ev.pairs, eval_source=ev.pairs if not ev.pairs.startswith("builtin:") else None)
+            out.update(self._pair_accuracy(pairs_spec, (load_rows(pairs_spec, "eval") or [])[: ev.size]))
         self.observer.evaluated(step, out)
         return out
 
     @torch.no_grad()
-    def _pair_accuracy(self, rows: list[dict]) -> dict[str, float]:
+    def _pair_accuracy(self, spec, rows: list[dict]) -> dict[str, float]:
         """Fraction of held-out pairs ranked chosen > rejected: by summed log-prob for the
         policy, by score for every trained reward model."""
         from rlflow.data import make_batch
         from rlflow.forward import response_logprobs, sequence_scores
 
         out: dict[str, float] = {}
-        b = make_batch(self.pipeline.data, rows, self.tokenizer)
+        if not rows:
+            return {}
+        b = make_batch(spec, rows, self.tokenizer)
         args = (b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
         if self.policy is not None:
             lp = response_logprobs(self.workers[self.policy].module, *args).sum(-1)  # [2P]: chosen, rejected, ...

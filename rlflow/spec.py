@@ -646,6 +646,8 @@ class Eval(Spec):
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     size: int = Field(500, ge=1, description="held-out rows (the built-in task has 500)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="default: the Generate node's")
+    pairs: Optional[str] = Field(None, description="held-out preference pairs (builtin:arith or a jsonl) for the "
+                                 "preference accuracy, when the training data are not pairs")
 
 
 class Phase(Spec):
