@@ -190,12 +190,26 @@ def node_kind(cls: type["Node"]) -> type["Node"]:
     return cls
 
 
+class ModelNode(Node):
+    """A node that runs one model, named first: ``RefLogprob("ref")``."""
+
+    model: str
+
+    def __init__(self, model: Optional[str] = None, /, **kw: Any):
+        if model is not None:
+            kw["model"] = model
+        super().__init__(**kw)
+
+    def model_refs(self):
+        return {"model": self.model}
+
+
 _RESPONSE = {"response_ids": "token", "response_mask": "token"}
 _PROMPT = {"prompt_ids": "prompt", "prompt_mask": "prompt"}
 
 
 @node_kind
-class Generate(Node):
+class Generate(ModelNode):
     """Sample ``n`` responses per prompt from ``model`` (its own weights, with a KV cache)."""
 
     kind: ClassVar[str] = "generate"
@@ -209,11 +223,6 @@ class Generate(Node):
     recompute_logprobs: bool = Field(False, description="old log-probs from a second full forward (as verl/TRL) "
                                      "instead of the sampling pass; they agree to ~1e-6 in fp32, less in bf16")
 
-    def __init__(self, model: Optional[str] = None, /, **kw: Any):
-        if model is not None:
-            kw["model"] = model
-        super().__init__(**kw)
-
     def reads(self):
         return dict(_PROMPT)
 
@@ -222,9 +231,6 @@ class Generate(Node):
         if self.greedy_baseline:
             out |= {"greedy_response_ids": "token", "greedy_response_mask": "token", "greedy_response": "text"}
         return out
-
-    def model_refs(self):
-        return {"model": self.model}
 
 
 @node_kind
@@ -290,16 +296,11 @@ class Score(Node):
 
 
 @node_kind
-class RefLogprob(Node):
+class RefLogprob(ModelNode):
     """Log-probs of the responses under a frozen reference model (at the sampling temperature)."""
 
     kind: ClassVar[str] = "ref_logprob"
     model: str = "ref"
-
-    def __init__(self, model: Optional[str] = None, /, **kw: Any):
-        if model is not None:
-            kw["model"] = model
-        super().__init__(**kw)
 
     def reads(self):
         return {**_PROMPT, **_RESPONSE}
@@ -307,30 +308,19 @@ class RefLogprob(Node):
     def writes(self):
         return {"ref_logprobs": "token"}
 
-    def model_refs(self):
-        return {"model": self.model}
-
 
 @node_kind
-class Value(Node):
+class Value(ModelNode):
     """Token values V(s_t) from a critic: the state before each response token (§0.1)."""
 
     kind: ClassVar[str] = "value"
     model: str = "critic"
-
-    def __init__(self, model: Optional[str] = None, /, **kw: Any):
-        if model is not None:
-            kw["model"] = model
-        super().__init__(**kw)
 
     def reads(self):
         return {**_PROMPT, **_RESPONSE}
 
     def writes(self):
         return {"values": "token"}
-
-    def model_refs(self):
-        return {"model": self.model}
 
 
 # --- Advantage: one spec class per variant, discriminated by ``variant`` ---------------------
