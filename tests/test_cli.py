@@ -1,10 +1,11 @@
 """The real CLI: an end-to-end GRPO run on the built-in tiny model, and the views."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import clean_env
 
 from rlflow.cli import main
 
@@ -13,7 +14,7 @@ PIPES = REPO / "pipelines"
 
 
 def rlflow(*args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = clean_env()
     return subprocess.run([sys.executable, "-m", "rlflow", *args], capture_output=True, text=True, env=env, **kw)
 
 

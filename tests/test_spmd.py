@@ -2,16 +2,17 @@
 its own prompts, statistics are all-reduced, and rank 0 writes the outputs."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import clean_env
 
 FIX = Path(__file__).parent / "fixtures"
 
 
 def test_two_processes_run_the_same_file(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = clean_env(DS_ACCELERATOR="cpu")
     # DeepSpeed JIT-builds a small op on first use; build it in one process first, since two
     # processes building it at once can crash one.
     subprocess.run([sys.executable, "-c", "from rlflow.models import setup_distributed; setup_distributed()"],
