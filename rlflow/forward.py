@@ -441,15 +441,21 @@ def sequence_scores(
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """``[B]`` reward-model scores: the classification head of a sequence-classification
-    model (``AutoModelForSequenceClassification``, one label) applied at the last valid
-    response token. Computed here rather than by the model's own pooling, which finds
-    "the last non-pad token" and so breaks when pad == eos or prompts are left-padded.
+    """``[B]`` reward-model scores.
+
+    A sequence-classification model (``AutoModelForSequenceClassification``, one label):
+    its head applied at the last valid response token — computed here rather than by the
+    model's own pooling, which finds "the last non-pad token" and so breaks when
+    pad == eos or prompts are left-padded.
+    A causal LM (a likelihood reward model, ``Model(..., reward_from="likelihood")``): the
+    summed log-prob of the response, log π(y|x).
     """
     inner = getattr(model, "module", model)  # unwrap a DeepSpeed engine
     head = getattr(inner, "score", None) or getattr(inner, "classifier", None)
     if head is None:
-        raise ValueError(f"{type(inner).__name__} has no `score` or `classifier` head; a reward model must be a "
-                         "sequence-classification model")
+        if getattr(inner, "get_output_embeddings", lambda: None)() is not None:
+            return response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask).sum(-1)
+        raise ValueError(f"{type(inner).__name__} has no `score` or `classifier` head and is not a causal LM; "
+                         "a reward model must be one of them")
     hidden = last_token_hidden_state(inner, prompt_ids, prompt_mask, response_ids, response_mask)  # [B, H]
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()

@@ -117,7 +117,7 @@ def load_module(spec: Model, path: str):
 
     kw: dict[str, Any] = {"dtype": _dtype(spec.precision)}
     try:
-        if spec.head == "lm":
+        if spec.head == "lm" or (spec.head == "reward" and spec.reward_from == "likelihood"):
             return AutoModelForCausalLM.from_pretrained(path, **kw)
         config = AutoConfig.from_pretrained(path)
         config.num_labels = 1

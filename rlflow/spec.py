@@ -74,6 +74,9 @@ class Model(Spec):
     path: str
     train: bool = False
     head: Literal["lm", "value", "reward"] = "lm"
+    reward_from: Literal["classifier", "likelihood"] = Field(
+        "classifier", description="head='reward' only: a scalar classifier head at the last token, or the summed "
+        "log-prob of the response under the causal LM itself (a likelihood reward model)")
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
