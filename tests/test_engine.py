@@ -214,22 +214,24 @@ def test_preference_pairs_from_jsonl_train_dpo(tmp_path):
     assert losses[0] > 0.69 and min(losses[1:]) < losses[0]  # log 2 at the start, then it moves
 
 
-def test_reward_model_trained_then_used_by_path_in_ppo(tmp_path):
-    from transformers import AutoModelForSequenceClassification
+@pytest.mark.parametrize("reward_from", ["classifier", "likelihood"])
+def test_reward_model_trained_then_used_by_path_in_ppo(reward_from, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from rlflow import Pairs
 
-    rm = Model(INIT, head="reward", train=True, lr=1e-3)
+    rm = Model(INIT, head="reward", reward_from=reward_from, train=True, lr=1e-3)
     p = Pipeline(name="rm", data=Pairs("builtin:arith", batch_size=8), models={"rm": rm},
                  nodes=[Loss("bradley_terry", model="rm")], steps=2, eval=Eval(size=16))
     summary = run_of(p, tmp_path, "rm").train(2)
     assert "eval/rm_accuracy/rm" in summary["eval_after"]
     final = tmp_path / "rm" / "final"
-    AutoModelForSequenceClassification.from_pretrained(final)  # a standard HF reward model
+    auto = AutoModelForSequenceClassification if reward_from == "classifier" else AutoModelForCausalLM
+    auto.from_pretrained(final)  # a standard HF model directory
 
     actor = Model(INIT, train=True)
     ppo = Pipeline(name="ppo", data=Prompts("builtin:arith", batch_size=4),
-                   models={"actor": actor, "critic": actor.critic(), "rm": Model(str(final), head="reward")},
+                   models={"actor": actor, "critic": actor.critic(), "rm": Model(str(final), head="reward", reward_from=reward_from)},
                    nodes=[Generate("actor", n=1, max_new_tokens=4), Score(model="rm"), Value("critic"), Advantage("gae"),
                           Loss("clip"), Loss("value", model="critic", name="value_loss")], steps=1, eval=None)
     run = run_of(ppo, tmp_path, "ppo")
@@ -251,3 +253,14 @@ def test_recomputed_old_logprobs_match_the_sampling_pass(tmp_path):
     with torch.no_grad():
         lp = response_logprobs(w.engine, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
     torch.testing.assert_close(lp, batch["old_logprobs"], rtol=0, atol=1e-6)
+
+
+def test_likelihood_reward_is_the_summed_response_logprob(tmp_path):
+    from rlflow.forward import response_logprobs, sequence_scores
+
+    run = run_of(grpo(), tmp_path)
+    batch, _, _ = run.experience()
+    m = run.workers["ref"].module
+    args = (batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_scores(m, *args), response_logprobs(m, *args).sum(-1))
