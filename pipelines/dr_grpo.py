@@ -6,6 +6,7 @@ generation length) instead of its own length (seq-mean-token-sum-norm). No KL, n
 reference model. ALGORITHMS.md §5.
 
     rlflow run pipelines/dr_grpo.py
+    rlflow run pipelines/dr_grpo.py --set generate.n=16 --set loss.agg_constant=8
     rlflow compare pipelines/grpo.py pipelines/dr_grpo.py
 """
 

@@ -264,3 +264,18 @@ def test_likelihood_reward_is_the_summed_response_logprob(tmp_path):
     args = (batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
     with torch.no_grad():
         torch.testing.assert_close(sequence_scores(m, *args), response_logprobs(m, *args).sum(-1))
+
+
+def test_overlong_filter_masks_truncated_rows_out_of_the_loss(tmp_path):
+    actor = Model(INIT, train=True, lr=1e-3)
+    p = Pipeline(name="o", data=Prompts("builtin:arith", batch_size=4), models={"actor": actor},
+                 nodes=[Generate("actor", n=4, max_new_tokens=2), Score(rule=length), Filter("overlong"),
+                        Advantage("group_norm"), Loss("clip", mask="loss_mask")], steps=1, eval=None)
+    run = run_of(p, tmp_path)
+    batch, _, metrics = run.experience()
+    trunc = batch["truncated"].bool()
+    assert trunc.any()  # an untrained model rarely stops within 2 tokens
+    assert batch["loss_mask"][trunc].sum() == 0
+    torch.testing.assert_close(batch["loss_mask"][~trunc], batch["response_mask"][~trunc])
+    assert metrics["filter/truncated_masked"] == pytest.approx(float(trunc.float().mean()))
+    run.update(batch, {})  # runs with the filtered mask

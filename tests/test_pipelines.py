@@ -62,3 +62,11 @@ def test_pipeline_learns(name, tmp_path):
         for k in ("eval/accuracy", "eval/preference_accuracy"):
             assert s["eval_after"][k] > s["eval_before"][k], k
     assert s["reward/end"] is None or s["reward/end"] > s["reward/start"]
+
+
+@pytest.mark.parametrize("path", PIPES, ids=[p.stem for p in PIPES])
+def test_pipeline_file_is_short_and_explains_itself(path):
+    text = path.read_text()
+    assert len(text.splitlines()) <= 40
+    doc = text.split('"""')[1]
+    assert "rlflow run pipelines/" in doc and "--set" in doc  # how to run it, and an override example
