@@ -129,6 +129,19 @@ def load_module(spec: Model, path: str):
         raise ModelLoadError(f"could not load model {spec.path!r} from {path!r}: {str(e).splitlines()[0]}") from e
 
 
+def disable_dropout(module) -> None:
+    """Dropout off everywhere (as TRL's ``disable_dropout``): sampling, old, current and
+    reference log-probs must come from the same deterministic function, or the ratio is noise."""
+    import torch
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "classifier_dropout"):
+        if isinstance(getattr(module.config, key, None), float):
+            setattr(module.config, key, 0.0)
+
+
 @dataclass
 class Worker:
     """One placed model: its DeepSpeed engine, the bare module, and its tokenizer."""
@@ -201,6 +214,7 @@ def place(name: str, spec: Model, *, steps: int, on_build: Optional[Callable[[st
     if shared is not None:
         shared[path] = tokenizer
     module = load_module(spec, path)
+    disable_dropout(module)
     if spec.head != "lm" and module.config.pad_token_id is None:
         module.config.pad_token_id = tokenizer.pad_token_id
     if not spec.train:

@@ -279,3 +279,20 @@ def test_overlong_filter_masks_truncated_rows_out_of_the_loss(tmp_path):
     torch.testing.assert_close(batch["loss_mask"][~trunc], batch["response_mask"][~trunc])
     assert metrics["filter/truncated_masked"] == pytest.approx(float(trunc.float().mean()))
     run.update(batch, {})  # runs with the filtered mask
+
+
+def test_dropout_is_disabled_on_placed_models(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlflow.arith import make_tokenizer
+
+    d = tmp_path / "gpt2"
+    tok = make_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                               resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1)).save_pretrained(d)
+    tok.save_pretrained(d)
+    p = grpo().model_copy(update={"models": {"actor": Model(str(d), train=True), "ref": Model(str(d))}})
+    run = run_of(p, tmp_path)
+    mods = [m for m in run.workers["actor"].module.modules() if isinstance(m, torch.nn.Dropout)]
+    assert mods and all(m.p == 0.0 for m in mods)
+    run.train(1)  # a GPT-2 goes through the same code as the built-in Llama
