@@ -10,7 +10,7 @@ critic a clipped value loss. ALGORITHMS.md §1.
 
 To score with the reward model that pipelines/reward_model.py trained instead of the
 rule, declare it and point Score at it (rules and a model add up when both are given):
-    models={..., "rm": Model("runs/<reward_model-run>/final", head="reward")}
+    models={..., "rm": Model("runs/<rm-run>/final", head="reward", reward_from="likelihood")}
     Score(model="rm")
 """
 

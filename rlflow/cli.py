@@ -116,7 +116,8 @@ def flatten(pipeline) -> dict[str, str]:
     for k, v in pipeline.data.model_dump().items():
         flat[f"data.{k}"] = _fmt(v)
     for name, m in pipeline.models.items():
-        flat[f"models.{name}"] = f"{m.path} head={m.head} {'train lr=' + format(m.lr, 'g') if m.train else 'frozen'}"
+        head = f"{m.head}({m.reward_from})" if m.head == "reward" else m.head
+        flat[f"models.{name}"] = f"{m.path} head={head} {'train lr=' + format(m.lr, 'g') if m.train else 'frozen'}"
     for node in pipeline.nodes:
         flat[f"{node.name}"] = node.kind + (f":{node.variant}" if hasattr(node, "variant") else "")
         for k, v in node.params().items():
@@ -221,8 +222,12 @@ def cmd_run(args) -> int:
         out = Path(args.resume)
         if not (out / "checkpoints").exists():
             raise UserError("RF109", f"--resume {out}: no checkpoints/ there (set pipeline.save_every to write them)")
+    elif args.out:
+        out = Path(args.out)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would pick its own time stamp
+        raise UserError("RF110", "with several processes, name the run directory: --out runs/<name>")
     else:
-        out = Path(args.out) if args.out else Path("runs") / f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path("runs") / f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     rank0 = int(os.environ.get("RANK", "0")) == 0
     console = _console()
     if rank0 and not args.quiet:
@@ -322,11 +327,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages
         from rlflow.data import DataError
+        from rlflow.engine import ResumeError
         from rlflow.models import ModelLoadError
 
         if args.debug:
             traceback.print_exc()
-        if isinstance(e, (ModelLoadError, DataError)):  # bad input found while loading: no traceback to offer
+        if isinstance(e, (ModelLoadError, DataError, ResumeError)):  # bad input found while loading: no traceback to offer
             err.print(f"error: {e}", markup=False)
             return EXIT_USAGE
         err.print(f"error: {type(e).__name__}: {e}" + ("" if args.debug else "\n(run with --debug for the traceback)"), markup=False)

@@ -1,8 +1,9 @@
 """The one place where statistics cross processes.
 
-Every statistic over the batch (whitening moments, aggregation counts, dynamic-sampling
-counts, metrics) goes through :func:`all_reduce_sum`: a no-op in one process and a
-sum all-reduce when ``torch.distributed`` is initialised with more than one rank.
+The statistics that define the update (whitening moments, aggregation counts) go
+through :func:`all_reduce_sum`: a no-op in one process and a sum all-reduce when
+``torch.distributed`` is initialised with more than one rank. Logged metrics and
+dynamic-sampling counts are each rank's own (rank 0's are written).
 """
 
 from __future__ import annotations

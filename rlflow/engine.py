@@ -46,6 +46,10 @@ class RefillError(RuntimeError):
     """Dynamic sampling ran out of rounds before keeping enough groups."""
 
 
+class ResumeError(Exception):
+    """A run directory that cannot be resumed (reported without a traceback)."""
+
+
 class Observer:
     """Receives the engine's events. The default prints nothing."""
 
@@ -182,6 +186,7 @@ class Run:
         kept: list[Batch] = []
         rounds = groups = 0
         seen = 0.0
+        reward_means: list[float] = []
         while groups < target:
             if rounds >= f.max_rounds:
                 if f.allow_short and groups:
@@ -197,12 +202,16 @@ class Run:
                 batch = self._run_node(node, batch, times, metrics)
             batch = self._run_node(f, batch, times, metrics)
             seen += metrics["filter/groups_seen"]
+            if "reward/mean" in metrics:
+                reward_means.append(metrics["reward/mean"])
             kept.append(batch)
             groups += int(torch.unique(batch["group"]).numel()) if len(batch) else 0
         batch = self.runners[f.name].truncate(Batch.cat(kept), target)
         metrics["filter/rounds"] = float(rounds)
         metrics["filter/groups_seen"] = seen  # over every round
         metrics["filter/keep_frac"] = groups / max(seen, 1.0)
+        if reward_means:  # every sample scored, over every round (rounds have equal sizes)
+            metrics["reward/mean"] = sum(reward_means) / len(reward_means)
         metrics["filter/groups_kept"] = float(groups)
         for node in tail:
             batch = self._run_node(node, batch, times, metrics)
@@ -413,11 +422,13 @@ class Run:
             found = sorted(ckpts.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if ckpts.exists() else []
             found = [c for c in found if (c / "state.pt").exists()]
             if not found:
-                raise FileNotFoundError(f"no checkpoint in {ckpts} to resume from")
+                raise ResumeError(f"no complete checkpoint in {ckpts} to resume from")
             checkpoint = found[-1]
         for name, w in self.workers.items():
             if w.trainable:
                 w.engine.load_checkpoint(str(checkpoint / name / "deepspeed"), tag="state")
+        if not (checkpoint / _state_file(dist.rank())).exists():
+            raise ResumeError(f"{checkpoint} has no state for rank {dist.rank()}: resume with the number of processes it was written by")
         state = torch.load(checkpoint / _state_file(dist.rank()), weights_only=False)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
@@ -431,6 +442,12 @@ class Run:
                 self.metrics_file.close()
                 metrics.write_text("".join(json.dumps(r) + "\n" for r in self.history))
                 self.metrics_file = metrics.open("a")
+        samples = self.out_dir / "samples.jsonl"
+        if samples.exists() and dist.rank() == 0:
+            kept_s = [x for x in samples.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= self.start_step]
+            self.samples_file.close()
+            samples.write_text("".join(x + "\n" for x in kept_s))
+            self.samples_file = samples.open("a")
         before = self.out_dir / "eval_before.json"
         self.resumed_eval = json.loads(before.read_text()) if before.exists() else {}
         self.observer.message(f"resumed from {checkpoint} (step {self.start_step})")

@@ -67,7 +67,8 @@ def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
     models = root.add(Text("models", style="bold"))
     for name, m in p.models.items():
         flags = "trainable" + (f" lr={m.lr:g}" if m.train else "") if m.train else "frozen"
-        models.add(f"{name}: {m.path}  head={m.head} {flags} ZeRO-{m.zero_stage} {m.precision}")
+        head = f"{m.head}({m.reward_from})" if m.head == "reward" else m.head
+        models.add(f"{name}: {m.path}  head={head} {flags} ZeRO-{m.zero_stage} {m.precision}")
     data = root.add(Text.assemble(("data", "bold"), f" [{p.data.kind}] {p.data.source} batch_size={p.data.batch_size}"))
     data.add(Text("writes " + ", ".join(p.data.writes()), style="dim"))
     stages = pg.stages()
