@@ -97,14 +97,17 @@ class Batch:
         return [self.select(torch.arange(a, b)) for a, b in chunks]
 
     def chunk(self, parts: int) -> list["Batch"]:
-        """About ``parts`` equal chunks along whole groups (for mini-batches)."""
-        groups = len(self._group_bounds())
-        per = -(-groups // max(1, parts))  # groups per chunk, rounded up
+        """Exactly ``min(parts, groups)`` chunks of whole groups, their group counts
+        differing by at most one (for mini-batches)."""
         bounds = self._group_bounds()
-        out = []
-        for i in range(0, groups, per):
-            a, b = bounds[i][0], bounds[min(i + per, groups) - 1][1]
+        groups = len(bounds)
+        parts = max(1, min(parts, groups))
+        out, start = [], 0
+        for i in range(parts):
+            n = groups // parts + (1 if i < groups % parts else 0)
+            a, b = bounds[start][0], bounds[start + n - 1][1]
             out.append(self.select(torch.arange(a, b)))
+            start += n
         return out
 
     def _group_bounds(self) -> list[tuple[int, int]]:

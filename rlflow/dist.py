@@ -35,6 +35,18 @@ def all_reduce_sum(tensor):
     return out
 
 
+def all_reduce_min(value: int) -> int:
+    """The smallest ``value`` over all ranks (the value itself in one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     import torch.distributed as dist

@@ -144,11 +144,12 @@ class Run:
             self.ctx.step = step
             t0 = time.perf_counter()
             batch, times, exp_metrics = self.experience()
-            if len(batch):
+            # every rank takes the same number of optimizer steps: all update, or none does
+            if dist.all_reduce_min(len(batch)) > 0:
                 upd_metrics = self.update(batch, times)
             else:
                 upd_metrics = {"update/skipped": 1.0}
-                self.observer.message(f"step {step}: the filters kept no rows; no update this step")
+                self.observer.message(f"step {step}: the filters kept no rows (on some rank); no update this step")
             record = self._record(step, batch, times, {**exp_metrics, **upd_metrics}, time.perf_counter() - t0)
             if every and step % every == 0 and step != steps:
                 record.update(self.evaluate(step))
@@ -246,10 +247,13 @@ class Run:
             return {}
         sums: dict[str, list[float]] = {}
         temperature = batch.meta.get("temperature", 1.0)
+        # as many mini-batches as asked, but never more than any rank has groups (equal step counts)
+        n_groups = int(torch.unique(batch["group"]).numel()) if "group" in batch else len(batch)
+        parts = dist.all_reduce_min(min(p.mini_batches, n_groups))
         constant = self._agg_constant()
         for epoch in range(p.ppo_epochs):
             shuffled = batch.shuffle_groups(self.generator) if (p.mini_batches > 1 or p.ppo_epochs > 1) else batch
-            for mini in shuffled.chunk(p.mini_batches):
+            for mini in shuffled.chunk(parts):
                 for model, nodes in losses_of.items():
                     worker = self.workers[model]
                     t0 = time.perf_counter()

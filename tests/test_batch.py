@@ -58,6 +58,10 @@ def test_chunk_into_mini_batches_of_whole_groups():
     parts = b.chunk(2)
     assert [p["group"].tolist() for p in parts] == [[0, 0, 1, 1], [2, 2, 3, 3]]
     assert len(b.chunk(1)) == 1
+    # 5 groups in 4 parts: exactly 4 mini-batches (2, 1, 1, 1 groups), so every rank steps alike
+    five = make([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    assert [len(set(p["group"].tolist())) for p in five.chunk(4)] == [2, 1, 1, 1]
+    assert len(five.chunk(9)) == 5
 
 
 def test_non_contiguous_groups_are_refused():
