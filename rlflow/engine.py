@@ -143,7 +143,12 @@ class Run:
         for step in range(self.start_step + 1, steps + 1):
             self.ctx.step = step
             t0 = time.perf_counter()
-            batch, times, exp_metrics = self.experience()
+            rng_before = self._rng_state()
+            try:
+                batch, times, exp_metrics = self.experience()
+            except BaseException:  # a failing rule, Ctrl-C, ...: keep what the finished steps learned
+                self._rescue(step - 1, rng_before)
+                raise
             # every rank takes the same number of optimizer steps: all update, or none does
             if dist.all_reduce_min(len(batch)) > 0:
                 upd_metrics = self.update(batch, times)
@@ -393,7 +398,22 @@ class Run:
                 self.samples_file.write(json.dumps(s) + "\n")
             self.samples_file.flush()
 
-    def checkpoint(self, step: int) -> Path:
+    def _rng_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "torch": torch.get_rng_state(), "data": self.data.state()}
+
+    def _rescue(self, step: int, rng: dict[str, Any]) -> None:
+        """After a failure before the update of step ``step + 1``: the models are exactly
+        as step ``step`` left them, so write that checkpoint (with the random and data
+        state of that moment) and say how to continue. Single process only."""
+        if step < 1 or step == self.start_step or dist.world_size() > 1:
+            return
+        try:
+            path = self.checkpoint(step, rng)
+            self.observer.message(f"stopped during step {step + 1}; saved {path} — continue with --resume {self.out_dir}")
+        except Exception as e:  # the original failure matters more
+            self.observer.message(f"could not save a checkpoint after the failure: {e}")
+
+    def checkpoint(self, step: int, rng: Optional[dict[str, Any]] = None) -> Path:
         """checkpoints/step_N: weights, optimizer/DeepSpeed state, RNG and data position.
 
         Written under a temporary name and renamed, so a kill never leaves a broken one.
@@ -409,7 +429,7 @@ class Run:
             if w.trainable:
                 w.save_pretrained(tmp / name)
                 w.engine.save_checkpoint(str(tmp / name / "deepspeed"), tag="state")  # every rank its shard
-        state = {"step": step, "generator": self.generator.get_state(), "torch": torch.get_rng_state(), "data": self.data.state()}
+        state = {"step": step, **(rng or self._rng_state())}
         torch.save(state, tmp / _state_file(dist.rank()))  # each rank its own random state
         dist.barrier()  # every rank has written before the rename
         if commit:

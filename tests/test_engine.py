@@ -296,3 +296,30 @@ def test_dropout_is_disabled_on_placed_models(tmp_path):
     mods = [m for m in run.workers["actor"].module.modules() if isinstance(m, torch.nn.Dropout)]
     assert mods and all(m.p == 0.0 for m in mods)
     run.train(1)  # a GPT-2 goes through the same code as the built-in Llama
+
+
+def test_a_failing_step_leaves_a_checkpoint_to_resume_from(tmp_path):
+    from rlflow.nodes.score import RewardRuleError
+
+    calls = {"n": 0}
+
+    def flaky(response, row):  # fails on the third step's scoring
+        calls["n"] += 1
+        if calls["n"] > 2 * 16:
+            raise ValueError("the grader is down")
+        return float(len(response))
+
+    def pipe(rule):
+        p = grpo(steps=3)
+        return p.model_copy(update={"nodes": [p.nodes[0], Score(rules={"r": rule}), *p.nodes[2:]]})
+
+    run = run_of(pipe(flaky), tmp_path)
+    with pytest.raises(RewardRuleError, match="the grader is down"):
+        run.train(3)
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / "state.pt").exists()
+    full = run_of(pipe(length), tmp_path, "full")
+    full.train(3)
+    again = run_of(pipe(length), tmp_path)
+    assert again.resume() == 2
+    again.train(3)
+    torch.testing.assert_close(weights(again), weights(full), rtol=0, atol=0)
