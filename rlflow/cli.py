@@ -233,6 +233,10 @@ def cmd_run(args) -> int:
     if rank0 and not args.quiet:
         console.print(render_graph(pg))
     _quiet_libraries()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from rlflow.engine import Run
 
     view = LiveView(console, steps=pipeline.steps, enabled=rank0 and not args.quiet)
@@ -275,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter (repeatable)")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadiest on a busy machine)")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="static checks only; loads no model")
