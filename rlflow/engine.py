@@ -112,7 +112,7 @@ class Run:
         tokenizers: dict[str, Any] = {}
         for name, spec in p.models.items():
             t0 = time.perf_counter()
-            self.workers[name] = place(name, spec, steps=p.steps, on_build=self.observer.message, shared=tokenizers)
+            self.workers[name] = place(name, spec, on_build=self.observer.message, shared=tokenizers)
             kind = "trainable" if spec.train else "frozen"
             self.observer.message(f"placed {name} ({spec.path}, {kind}, head={spec.head}, ZeRO-{spec.zero_stage}, "
                                   f"{spec.precision}) in {time.perf_counter() - t0:.1f}s")

@@ -199,7 +199,7 @@ class Worker:
             self.tokenizer.save_pretrained(directory)
 
 
-def place(name: str, spec: Model, *, steps: int, on_build: Optional[Callable[[str], None]] = None, shared: Optional[dict] = None) -> Worker:
+def place(name: str, spec: Model, *, on_build: Optional[Callable[[str], None]] = None, shared: Optional[dict] = None) -> Worker:
     """Load ``spec`` and wrap it with DeepSpeed. ``shared`` caches tokenizers by path."""
     import deepspeed
     import torch
