@@ -323,3 +323,20 @@ def test_a_failing_step_leaves_a_checkpoint_to_resume_from(tmp_path):
     assert again.resume() == 2
     again.train(3)
     torch.testing.assert_close(weights(again), weights(full), rtol=0, atol=0)
+
+
+def test_critic_initialised_from_a_reward_model(tmp_path):
+    # A critic can start from a trained (classifier) reward model: its backbone and its
+    # scalar head become the value model's (same parameter names and shapes).
+    from rlflow import Pairs
+    from rlflow.models import place
+
+    rm = Model(INIT, head="reward", train=True, lr=1e-3)
+    p = Pipeline(name="rm", data=Pairs("builtin:arith", batch_size=4), models={"rm": rm},
+                 nodes=[Loss("bradley_terry", model="rm")], steps=1, eval=None)
+    run = run_of(p, tmp_path, "rm")
+    run.train(1)
+    trained = run.workers["rm"].module
+    critic = place("critic", Model(str(tmp_path / "rm" / "final")).critic())
+    torch.testing.assert_close(critic.module.score.weight, trained.score.weight)
+    torch.testing.assert_close(critic.module.model.embed_tokens.weight, trained.model.embed_tokens.weight)
