@@ -86,7 +86,7 @@ class ScoreRunner:
     def _score(self, batch: Batch, ctx: Context, texts: list[str], ids_col: str, mask_col: str, metrics: dict, prefix: str,
                parts: bool = False) -> torch.Tensor:
         s = self.spec
-        rows = list(iter_rows(batch, [c for c in ("prompt", "answer") if c in batch] + [c for c in batch.keys() if c.startswith("meta_")]))
+        rows = list(iter_rows(batch, ("prompt", "answer")))
         total = torch.zeros(len(batch))
         for name, rule in s.rules.items():
             part = apply_rule(name, rule.fn, texts, rows)

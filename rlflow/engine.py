@@ -71,6 +71,13 @@ class NodeTime:
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
 
 
+def _add_time(times: dict[str, NodeTime], key: str, seconds: float, rows: int, tokens: int) -> None:
+    """Add one run of ``key`` to the step's timings (a node may run several times a step:
+    dynamic-sampling refill rounds, mini-batches, epochs)."""
+    prev = times.get(key) or NodeTime(0.0, 0, 0)
+    times[key] = NodeTime(prev.seconds + seconds, prev.rows + rows, prev.tokens + tokens)
+
+
 def _state_file(rank: int) -> str:
     return "state.pt" if rank == 0 else f"state.rank{rank}.pt"
 
@@ -96,6 +103,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0  # the last step done before this process started (resume)
     resumed_eval: dict[str, float] = field(default_factory=dict)
+    _eval_cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     # --- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -230,11 +238,8 @@ class Run:
             batch, m = out
         else:
             m = out
-        dt = time.perf_counter() - t0
-        prev = times.get(node.name)
-        tokens = _tokens(batch) if node.kind == "generate" or node.kind in ("ref_logprob", "value") else 0
-        times[node.name] = NodeTime(dt + (prev.seconds if prev else 0), len(batch) + (prev.rows if prev else 0),
-                                    tokens + (prev.tokens if prev else 0))  # summed over refill rounds
+        tokens = _tokens(batch) if node.kind in ("generate", "ref_logprob", "value") else 0
+        _add_time(times, node.name, time.perf_counter() - t0, len(batch), tokens)
         metrics.update(m or {})
         return batch
 
@@ -282,11 +287,7 @@ class Run:
                     norm = worker.step()
                     if norm is not None:
                         sums.setdefault(f"grad_norm/{model}", []).append(norm)
-                    key = "+".join(n.name for n in nodes)
-                    prev = times.get(key)
-                    dt = time.perf_counter() - t0
-                    times[key] = NodeTime(dt + (prev.seconds if prev else 0), len(mini) + (prev.rows if prev else 0),
-                                          _tokens(mini) + (prev.tokens if prev else 0))
+                    _add_time(times, "+".join(n.name for n in nodes), time.perf_counter() - t0, len(mini), _tokens(mini))
         out = {k: sum(v) / len(v) for k, v in sums.items()}
         for model in losses_of:
             out[f"lr/{model}"] = self.workers[model].lr()
@@ -319,7 +320,7 @@ class Run:
         ev = self.pipeline.eval
         if ev is None:
             return {}
-        rows = load_rows(self.pipeline.data, "eval")
+        rows = self._eval_rows(self.pipeline.data)
         if not rows:
             return {}
         rows = rows[: ev.size]
@@ -340,9 +341,16 @@ class Run:
             from rlflow.spec import Pairs
 
             pairs_spec = Pairs(ev.pairs, eval_source=ev.pairs if not ev.pairs.startswith("builtin:") else None)
-            out.update(self._pair_accuracy(pairs_spec, (load_rows(pairs_spec, "eval") or [])[: ev.size]))
+            out.update(self._pair_accuracy(pairs_spec, (self._eval_rows(pairs_spec) or [])[: ev.size]))
         self.observer.evaluated(step, out)
         return out
+
+    def _eval_rows(self, spec) -> Optional[list[dict]]:
+        """The held-out rows of ``spec``, read once per run."""
+        key = (spec.kind, spec.source, spec.eval_source)
+        if key not in self._eval_cache:
+            self._eval_cache[key] = load_rows(spec, "eval")
+        return self._eval_cache[key]
 
     @torch.no_grad()
     def _pair_accuracy(self, spec, rows: list[dict]) -> dict[str, float]:

@@ -142,6 +142,11 @@ def disable_dropout(module) -> None:
             setattr(module.config, key, 0.0)
 
 
+def _clips_itself(spec: Model) -> bool:
+    """Whether the worker (not DeepSpeed) clips gradients: plain fp32 ZeRO-0 only."""
+    return spec.zero_stage == 0 and spec.precision == "fp32"
+
+
 @dataclass
 class Worker:
     """One placed model: its DeepSpeed engine, the bare module, and its tokenizer."""
@@ -168,15 +173,16 @@ class Worker:
     def step(self) -> Optional[float]:
         """One optimizer step; returns the gradient norm before clipping (None if unknown).
 
-        DeepSpeed reports the norm for its ZeRO and mixed-precision optimizers; for plain
-        fp32 ZeRO-0 it clips without keeping the norm, so it is measured here first.
+        DeepSpeed clips and reports the norm for its ZeRO and mixed-precision optimizers; for
+        plain fp32 ZeRO-0 it would clip without keeping the norm, so there the clipping is
+        done here (one norm computation) and DeepSpeed is given none (see ``place``).
         """
         import torch
 
         norm = None
-        if self.spec.zero_stage == 0 and self.spec.precision == "fp32":
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        if _clips_itself(self.spec):
+            clip = self.spec.grad_clip or float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
         self.engine.step()
         if norm is None:
             reported = self.engine.get_global_grad_norm()
@@ -236,7 +242,7 @@ def place(name: str, spec: Model, *, on_build: Optional[Callable[[str], None]] =
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if spec.grad_clip:
+    if spec.grad_clip and not _clips_itself(spec):
         config["gradient_clipping"] = spec.grad_clip
     if spec.offload and spec.zero_stage > 0:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
