@@ -4,21 +4,14 @@ Tensors in, tensors out: no model, no Batch. Shapes: ``B`` rows (one per respons
 ``T`` response tokens, right-padded. ``mask`` is 1 on response tokens (EOS included) and
 0 on padding (§0.1); the sequence score ``R_i`` sits on the last valid token ``T_i``.
 
-Every variant has the signature ``fn(x: AdvantageInputs, *, <params>) -> AdvantageResult``
-and is registered in :data:`ADVANTAGES` as an :class:`AdvantageVariant` that declares the
-optional inputs it needs and whether it needs several samples per prompt. Every variant
-takes ``kl_coef`` (KL in the reward, §0.3 placement 1; the per-token estimate ``x.kl`` is
-computed upstream from old vs ref log-probs) and ``whiten`` (global token-weighted
-whitening, Part A §5).
-
-    name             params (defaults)                                           paper
-    gae              gamma=1.0 lam=0.95 lambda_critic=None length_alpha=None     GAE, VC-PPO, VAPO
-                     whiten=True kl_coef=0.0
-    group_norm       eps=1e-6 whiten=False kl_coef=0.0                           GRPO
-    group_center     whiten=False kl_coef=0.0                                    Dr. GRPO / REINFORCE++-baseline
-    rloo             whiten=False kl_coef=0.0                                    RLOO
-    greedy_baseline  whiten=False kl_coef=0.0                                    ReMax
-    reward_to_go     gamma=1.0 whiten=True kl_coef=0.0                           REINFORCE++
+Every variant is one function ``fn(x: AdvantageInputs, *, <settings>) -> AdvantageResult``
+declared with ``@advantage_variant`` (:mod:`rlflow.variants`): its keyword-only settings,
+their defaults and bounds are its spec; the decorator says which extra columns it reads
+(``values``, ``baseline_rewards``) and whether it needs several samples per prompt. Every
+variant takes ``kl_coef`` (KL in the reward, §0.3 placement 1; the per-token estimate
+``x.kl`` is computed upstream from old vs ref log-probs) and ``whiten`` (global
+token-weighted whitening, Part A §5). The table of variants and settings is generated
+into docs/nodes.md.
 
 Metrics (floats, over every valid token of the batch, all ranks):
     advantages/mean, advantages/std       the final advantages (after whitening if on)
@@ -34,14 +27,17 @@ A row with an empty mask keeps its score in its group's statistics and gets adva
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Annotated, NamedTuple, Optional
 
-import torch
+from pydantic import Field
 
 from rlflow.dist import all_reduce_sum
-from rlflow.node import runner
-from rlflow.nodes.masked import kl_estimate, masked_whiten
-from rlflow.registry import Registry
+from rlflow.lazy import no_grad, torch
+from rlflow.node import NodeRunner, runner
+from rlflow.nodes.masked import KlCoef, kl_estimate, masked_whiten
+from rlflow.spec import ADVANTAGES, advantage_variant
+
+Unit = Annotated[float, Field(ge=0, le=1)]
 
 # ---------------------------------------------------------------------------------------
 # Contract
@@ -62,16 +58,6 @@ class AdvantageResult:
     advantages: torch.Tensor  # [B, T], 0 on padding
     returns: torch.Tensor | None  # [B, T] critic targets (gae), else None
     metrics: dict[str, float]  # namespaced: "advantages/mean", "returns/mean", ...
-
-
-@dataclass(frozen=True)
-class AdvantageVariant:
-    fn: Callable[..., AdvantageResult]
-    needs: frozenset[str]  # optional inputs it requires: subset of {"values", "baseline_rewards"}
-    group_based: bool  # True if it needs > 1 sample per prompt
-
-
-ADVANTAGES: Registry[AdvantageVariant] = Registry("advantage estimator")
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,16 +265,17 @@ def _broadcast(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Token-level variants: a critic (gae) or the reward-to-go (reward_to_go)
 
 
-@torch.no_grad()
+@advantage_variant(reads={"values": "token"}, writes={"returns": "token"}, coefficient="A = GAE(δ; γ, λ) from the critic")
+@no_grad
 def gae(
     x: AdvantageInputs,
     *,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    lambda_critic: float | None = None,
-    length_alpha: float | None = None,
+    gamma: Unit = 1.0,
+    lam: Unit = 0.95,
+    lambda_critic: Optional[Unit] = None,
+    length_alpha: Annotated[Optional[float], Field(gt=0)] = None,
     whiten: bool = True,
-    kl_coef: float = 0.0,
+    kl_coef: KlCoef = 0.0,
 ) -> AdvantageResult:
     """Generalised Advantage Estimation (Schulman et al. 2016, arXiv 1506.02438), as in PPO
     for LLMs (§1.3), with VC-PPO's decoupled λ (arXiv 2503.01491, §2.2) and VAPO's
@@ -338,8 +325,9 @@ def gae(
     return out
 
 
-@torch.no_grad()
-def reward_to_go(x: AdvantageInputs, *, gamma: float = 1.0, whiten: bool = True, kl_coef: float = 0.0) -> AdvantageResult:
+@advantage_variant(coefficient="A = whiten(Σ_{s≥t} γ^{s-t} r_s)")
+@no_grad
+def reward_to_go(x: AdvantageInputs, *, gamma: Unit = 1.0, whiten: bool = True, kl_coef: KlCoef = 0.0) -> AdvantageResult:
     """REINFORCE++ (Hu et al. 2025, arXiv 2501.03262, §6.2): reward-to-go, globally whitened.
 
         r_{i,t} = -β·k_{i,t} + 1[t = T_i]·R_i
@@ -362,8 +350,10 @@ def reward_to_go(x: AdvantageInputs, *, gamma: float = 1.0, whiten: bool = True,
 # Sequence-level variants: a scalar per response minus a baseline, broadcast to tokens
 
 
-@torch.no_grad()
-def group_norm(x: AdvantageInputs, *, eps: float = 1e-6, whiten: bool = False, kl_coef: float = 0.0) -> AdvantageResult:
+@advantage_variant(group_based=True, coefficient="A = (R - mean_g R) / (std_g R + ε)")
+@no_grad
+def group_norm(x: AdvantageInputs, *, eps: Annotated[float, Field(gt=0)] = 1e-6, whiten: bool = False,
+               kl_coef: KlCoef = 0.0) -> AdvantageResult:
     """GRPO outcome supervision (DeepSeekMath, arXiv 2402.03300, §4.1.2; ALGORITHMS.md §4.1).
 
         Â_{i,t} = (R_i - mean_{g(i)} R) / (std_{g(i)} R + eps)    for t ≤ T_i, 0 on padding
@@ -384,8 +374,9 @@ def group_norm(x: AdvantageInputs, *, eps: float = 1e-6, whiten: bool = False, k
     return _finish(_broadcast(seq_adv, x.mask), x, whiten, kl_coef)
 
 
-@torch.no_grad()
-def group_center(x: AdvantageInputs, *, whiten: bool = False, kl_coef: float = 0.0) -> AdvantageResult:
+@advantage_variant(group_based=True, coefficient="A = R - mean_g R")
+@no_grad
+def group_center(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> AdvantageResult:
     """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, §5): the group mean as baseline, no std.
 
         Â_{i,t} = R_i - mean_{g(i)} R        for t ≤ T_i, 0 on padding
@@ -403,8 +394,9 @@ def group_center(x: AdvantageInputs, *, whiten: bool = False, kl_coef: float = 0
     return _finish(_broadcast(score - st.mean, x.mask), x, whiten, kl_coef)
 
 
-@torch.no_grad()
-def rloo(x: AdvantageInputs, *, whiten: bool = False, kl_coef: float = 0.0) -> AdvantageResult:
+@advantage_variant(group_based=True, coefficient="A = R - mean of the other samples' R")
+@no_grad
+def rloo(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> AdvantageResult:
     """RLOO (Ahmadian et al. 2024, arXiv 2402.14740, §3.1): leave-one-out baseline.
 
         R_i = r(x, y_i) - β·Σ_t m_{i,t} k_{i,t}                       (sequence KL in reward)
@@ -421,8 +413,9 @@ def rloo(x: AdvantageInputs, *, whiten: bool = False, kl_coef: float = 0.0) -> A
     return _finish(_broadcast(score - st.loo_mean, x.mask), x, whiten, kl_coef)
 
 
-@torch.no_grad()
-def greedy_baseline(x: AdvantageInputs, *, whiten: bool = False, kl_coef: float = 0.0) -> AdvantageResult:
+@advantage_variant(reads={"baseline_rewards": "seq"}, coefficient="A = R - R(greedy response)")
+@no_grad
+def greedy_baseline(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> AdvantageResult:
     """ReMax (Li et al. 2023, arXiv 2310.10505, §6.5): the greedy response's score as baseline.
 
         b_i = r(x_i, ȳ_i),  ȳ_i greedy           (score only, no KL, no gradient)
@@ -441,22 +434,11 @@ def greedy_baseline(x: AdvantageInputs, *, whiten: bool = False, kl_coef: float 
 
 
 # ---------------------------------------------------------------------------------------
-# Registry: the only list of names
-
-ADVANTAGES.register("gae")(AdvantageVariant(gae, frozenset({"values"}), group_based=False))
-ADVANTAGES.register("reward_to_go")(AdvantageVariant(reward_to_go, frozenset(), group_based=False))
-ADVANTAGES.register("group_norm")(AdvantageVariant(group_norm, frozenset(), group_based=True))
-ADVANTAGES.register("group_center")(AdvantageVariant(group_center, frozenset(), group_based=True))
-ADVANTAGES.register("rloo")(AdvantageVariant(rloo, frozenset(), group_based=True))
-ADVANTAGES.register("greedy_baseline")(AdvantageVariant(greedy_baseline, frozenset({"baseline_rewards"}), group_based=False))
-
-
-# ---------------------------------------------------------------------------------------
 # The node runner: batch columns in, advantages (and returns) out
 
 
 @runner("advantage")
-class AdvantageRunner:
+class AdvantageRunner(NodeRunner):
     """Builds :class:`AdvantageInputs` from the batch and calls the registered variant.
 
     With ``kl_coef > 0`` the per-token KL estimate (``kl`` estimator, old vs reference
@@ -465,7 +447,7 @@ class AdvantageRunner:
     """
 
     def __init__(self, spec):
-        self.spec = spec
+        super().__init__(spec)
         self.variant = ADVANTAGES[spec.variant]
 
     def run(self, batch, ctx) -> dict[str, float]:
@@ -474,7 +456,7 @@ class AdvantageRunner:
         kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], s.kl) * mask if s.kl_coef > 0 else None
         x = AdvantageInputs(rewards=batch["rewards"].float(), mask=mask, group=batch["group"], values=batch.get("values"),
                             kl=kl, baseline_rewards=batch.get("baseline_rewards"))
-        result = self.variant.fn(x, **s.model_dump(exclude={"name", "variant", "kl"}))
+        result = self.variant.fn(x, **self.variant.arguments(s))
         batch["advantages"] = result.advantages
         if result.returns is not None:
             batch["returns"] = result.returns

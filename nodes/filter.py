@@ -1,15 +1,32 @@
 """Filter: dynamic sampling (DAPO), overlong filtering, best-vs-worst pairing (online DPO).
 
-The keep rules are pure functions of tensors (tested directly); the runners apply them
-to a Batch. Group ids survive every selection, so whole groups are kept or dropped.
+Every variant is one function ``fn(cols, *, <settings>) -> Kept`` declared with
+``@filter_variant``: ``cols`` holds the columns it reads; it says which rows to keep (a
+bool mask or an index order, None for all) and the new columns of the kept rows. The
+runner applies that to the Batch. Group ids survive every selection, so whole groups
+are kept or dropped. A variant declared with ``refills=True`` makes the engine re-run
+the nodes upstream of it on fresh prompts until ``target_groups`` groups are kept.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Mapping, Optional
 
-from rlflow.batch import Batch
-from rlflow.node import Context, runner
+from pydantic import Field
+
+from rlflow.lazy import torch
+from rlflow.node import Context, NodeRunner, runner
+from rlflow.spec import FILTERS, filter_variant
+
+
+@dataclass
+class Kept:
+    """What a filter decided: rows to keep, the kept rows' new columns, metrics."""
+
+    keep: Optional[torch.Tensor]  # [B] bool, or [K] long row order; None keeps every row as it is
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)  # new columns, one row per kept row
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def group_spread(metric: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -22,11 +39,11 @@ def group_spread(metric: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     _, inv = torch.unique(group, return_inverse=True)  # [B] dense ids
     k = int(inv.max()) + 1 if inv.numel() else 0
     x = metric.double()
-    first = torch.zeros(k, dtype=x.dtype).scatter(0, inv.flip(0), x.flip(0))  # a value of each group
+    first = torch.zeros(k, dtype=x.dtype, device=x.device).scatter(0, inv.flip(0), x.flip(0))  # a value of each group
     d = x - first[inv]  # shift: exact zeros for equal values
-    n = torch.zeros(k, dtype=x.dtype).index_add_(0, inv, torch.ones_like(d))
-    s1 = torch.zeros(k, dtype=x.dtype).index_add_(0, inv, d)
-    s2 = torch.zeros(k, dtype=x.dtype).index_add_(0, inv, d * d)
+    n = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inv, torch.ones_like(d))
+    s1 = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inv, d)
+    s2 = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inv, d * d)
     var = (s2 / n - (s1 / n) ** 2).clamp(min=0.0)
     return var.sqrt()[inv]
 
@@ -53,7 +70,7 @@ def best_worst(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor
     return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long), ties
 
 
-def first_groups(batch: Batch, n: int) -> Batch:
+def first_groups(batch, n: int):
     """The rows of the first ``n`` groups (in order of appearance)."""
     seen: dict[int, None] = {}
     for g in batch["group"].tolist():
@@ -64,32 +81,95 @@ def first_groups(batch: Batch, n: int) -> Batch:
     return batch.select(keep)
 
 
+
+# --- the variants ------------------------------------------------------------------------
+
+
+def _dynamic_reads(spec) -> dict[str, str]:
+    return {spec.metric: "seq", "group": "seq"}
+
+
+@filter_variant(reads=_dynamic_reads, refills=True)
+def dynamic(
+    cols: Mapping[str, Any],
+    *,
+    metric: str = "rewards",
+    tolerance: Annotated[float, Field(ge=0)] = 1e-6,
+    target_groups: Annotated[Optional[int], Field(ge=1, description="default: the data batch size")] = None,
+    max_rounds: Annotated[int, Field(ge=1)] = 10,
+    allow_short: bool = False,
+) -> Kept:
+    """DAPO dynamic sampling (§7.2): keep a group iff the spread (population std) of its
+    ``metric`` exceeds ``tolerance``.
+
+    The engine re-runs the nodes upstream on fresh prompts until ``target_groups`` groups
+    are kept (default: the data batch size), at most ``max_rounds`` rounds, then truncates
+    to the target. Running out of rounds is an error that names the counts, or with
+    ``allow_short=True`` a short batch that is logged.
+    """
+    group = cols["group"]  # [B]
+    keep = dynamic_keep(cols[metric].float(), group, tolerance)  # [B] bool
+    n_groups = int(torch.unique(group).numel())
+    n_kept = int(torch.unique(group[keep]).numel()) if bool(keep.any()) else 0
+    return Kept(keep, metrics={"filter/groups_seen": float(n_groups), "filter/keep_frac": n_kept / max(1, n_groups)})
+
+
+@filter_variant(reads={"response_mask": "token", "truncated": "seq"}, writes={"loss_mask": "token"}, drops_rows=False)
+def overlong(cols: Mapping[str, Any]) -> Kept:
+    """Overlong filtering (DAPO §3.4, TRL ``mask_truncated_completions``): truncated
+    responses keep their rows (and their place in group statistics) but are masked out of
+    the loss: writes ``loss_mask`` = response_mask with truncated rows zeroed. Point a
+    Loss at it with ``Loss(..., mask="loss_mask")``."""
+    m, truncated = cols["response_mask"], cols["truncated"]  # [B,T], [B]
+    loss_mask = m * (~truncated.bool()).to(m.dtype).unsqueeze(-1)  # [B,T]
+    return Kept(None, {"loss_mask": loss_mask}, {"filter/truncated_masked": float(truncated.float().mean())})
+
+
+@filter_variant(reads={"rewards": "seq", "group": "seq"}, writes={"chosen": "seq"}, group_based=True)
+def pairs(cols: Mapping[str, Any]) -> Kept:
+    """Online DPO pairing (§9.2): per group keep the best- and the worst-scored response as
+    a chosen/rejected pair; groups whose best and worst scores tie are dropped and counted
+    (every group tied: an empty batch, and the engine skips this step's update)."""
+    rewards = cols["rewards"]
+    c, r, ties = best_worst(rewards.float().cpu(), cols["group"].cpu())
+    order = torch.stack([c, r], dim=1).flatten() if len(c) else torch.zeros(0, dtype=torch.long)  # [2P]
+    chosen = torch.tensor([1.0, 0.0], device=rewards.device).repeat(len(c))  # [2P]
+    return Kept(order, {"chosen": chosen}, {"filter/pairs": float(len(c)), "filter/ties_dropped": float(ties)})
+
+
+# --- the node runner ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refill:
+    """How the engine refills a filter that drops groups (``refills=True`` variants)."""
+
+    target_groups: int
+    max_rounds: int
+    allow_short: bool
+
+
 @runner("filter")
-class FilterRunner:
+class FilterRunner(NodeRunner):
     def __init__(self, spec):
-        self.spec = spec
+        super().__init__(spec)
+        self.variant = FILTERS[spec.variant]
 
-    def run(self, batch: Batch, ctx: Context):
+    def refill(self, batch_size: int) -> Optional[Refill]:
+        """The refill contract of this filter, or None when it does not refill."""
+        if not self.variant.refills:
+            return None
         s = self.spec
-        if s.variant == "dynamic":
-            keep = dynamic_keep(batch[s.metric].float(), batch["group"], s.tolerance)
-            n_groups = int(torch.unique(batch["group"]).numel())
-            kept = batch.select(keep)
-            n_kept = int(torch.unique(kept["group"]).numel()) if len(kept) else 0
-            return kept, {"filter/groups_seen": float(n_groups), "filter/keep_frac": n_kept / max(1, n_groups)}
-        if s.variant == "overlong":
-            m = batch["response_mask"]
-            batch["loss_mask"] = m * (~batch["truncated"].bool()).to(m.dtype).unsqueeze(-1)
-            return {"filter/truncated_masked": float(batch["truncated"].float().mean())}
-        if s.variant == "pairs":
-            c, r, ties = best_worst(batch["rewards"].float(), batch["group"])
-            order = torch.stack([c, r], dim=1).flatten() if len(c) else torch.zeros(0, dtype=torch.long)
-            pairs = batch.select(order)
-            pairs["chosen"] = torch.tensor([1.0, 0.0]).repeat(len(c))
-            # every group tied: an empty batch, and the engine skips this step's update
-            return pairs, {"filter/pairs": float(len(c)), "filter/ties_dropped": float(ties)}
-        raise ValueError(f"unknown filter variant {s.variant!r}")
+        return Refill(s.target_groups or batch_size, s.max_rounds, s.allow_short)
 
-    def truncate(self, batch: Batch, groups: int) -> Batch:
+    def run(self, batch, ctx: Context):
+        cols = {c: batch[c] for c in self.spec.reads()}
+        out = self.variant.fn(cols, **self.variant.arguments(self.spec))
+        kept = batch if out.keep is None else batch.select(out.keep)
+        for name, value in out.columns.items():
+            kept[name] = value
+        return kept, out.metrics
+
+    def truncate(self, batch, groups: int):
         """Exactly ``groups`` groups (DAPO truncates the accumulated batch to the target)."""
         return first_groups(batch, groups)

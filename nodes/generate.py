@@ -11,24 +11,20 @@ prompt (ReMax), repeated on each of the prompt's rows.
 
 from __future__ import annotations
 
-import torch
-
-from rlflow.batch import Batch
-from rlflow.forward import decode, response_logprobs, sample
-from rlflow.node import Context, runner
-from rlflow.spec import Generate
+from rlflow.lazy import no_grad
+from rlflow.node import Context, ModelRunner, runner
 
 
 @runner("generate")
-class GenerateRunner:
-    def __init__(self, spec: Generate):
-        self.spec = spec
+class GenerateRunner(ModelRunner):
+    @no_grad
+    def run(self, batch, ctx: Context):
+        from rlflow.forward import decode, response_logprobs, sample
 
-    @torch.no_grad()
-    def run(self, batch: Batch, ctx: Context):
         s = self.spec
-        worker = ctx.workers[s.model]
+        worker = self.worker(ctx)
         tok = worker.tokenizer
+        batch = self.inputs(batch, ctx)
         rows = batch.repeat_interleave(s.n)  # [B*n], a prompt's samples are adjacent
         out = sample(worker.module, rows["prompt_ids"], rows["prompt_mask"], max_new_tokens=s.max_new_tokens,
                      temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -41,7 +37,6 @@ class GenerateRunner:
                                                      out.response_ids, out.response_mask, temperature=s.temperature)
         rows["truncated"] = out.truncated
         rows["response"] = decode(tok, out.response_ids, out.response_mask)
-        rows.meta["temperature"] = s.temperature
         if s.greedy_baseline:
             g = sample(worker.module, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=s.max_new_tokens,
                        greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

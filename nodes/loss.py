@@ -19,36 +19,24 @@ Shapes: B rows of the micro-batch, T response tokens, P pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import Annotated, Literal, Mapping, Optional
 
-import torch
-import torch.nn.functional as F
+from pydantic import Field
 
-from rlflow.registry import Registry
+from rlflow.lazy import F, no_grad, torch
+from rlflow.node import ModelRunner, runner
+from rlflow.spec import LOSSES, loss_variant
 
-from .masked import AggMode, Counts, KlEstimator, aggregate, kl_estimate, masked_mean
+from .masked import AggMode, Counts, KlCoef, KlEstimator, aggregate, count, kl_estimate, masked_mean
+
+Positive = Annotated[float, Field(gt=0)]
+DualClip = Annotated[Optional[float], Field(gt=1, description="dual-clip constant c > 1 (Ye et al. 2019); None: off")]
 
 
 @dataclass
 class LossTerm:
     loss: torch.Tensor  # scalar with grad: this micro-batch's share of the mini-batch loss
     metrics: dict[str, float]  # micro-batch values; the engine averages them
-
-
-def _response_mask(cols: Mapping[str, torch.Tensor], params: dict) -> torch.Tensor:
-    return cols["response_mask"]
-
-
-@dataclass(frozen=True)
-class LossVariant:
-    fn: Callable[..., LossTerm]  # fn(cols, counts, **params) -> LossTerm
-    needs: str  # the model output it needs: "logprobs" | "values" | "scores"
-    reads: Callable[[dict], set[str]]  # params -> batch columns it reads (model outputs not counted)
-    # (cols, params) -> the effective mask, [B,T] ([B,1] for bradley_terry), to count and aggregate over
-    mask: Callable[[Mapping[str, torch.Tensor], dict], torch.Tensor] = _response_mask
-
-
-LOSSES: Registry[LossVariant] = Registry("loss")
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -98,14 +86,20 @@ def _by_pair(x: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.
 # --- policy gradient: PPO clip, clip-higher, dual-clip, KL in the loss ---------------
 
 
+def _pg_reads(spec) -> dict[str, str]:
+    out = {"old_logprobs": "token", "advantages": "token"}
+    return {**out, "ref_logprobs": "token"} if spec.kl_coef > 0 else out
+
+
+@loss_variant(needs="logprobs", reads=_pg_reads, coefficient="A·ρ·1[ρ inside the clip where it binds]")
 def clip_higher(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
+    eps_low: Positive = 0.2,
+    eps_high: Positive = 0.28,
+    dual_clip: DualClip = None,
+    kl_coef: KlCoef = 0.0,
     kl: KlEstimator = "k3",
     agg: AggMode = "token-mean",
 ) -> LossTerm:
@@ -158,13 +152,14 @@ def clip_higher(
     return LossTerm(loss, metrics)
 
 
+@loss_variant(needs="logprobs", reads=_pg_reads, coefficient="A·ρ·1[ρ inside the clip where it binds]")
 def clip(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
     *,
-    eps: float = 0.2,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
+    eps: Positive = 0.2,
+    dual_clip: DualClip = None,
+    kl_coef: KlCoef = 0.0,
     kl: KlEstimator = "k3",
     agg: AggMode = "token-mean",
 ) -> LossTerm:
@@ -176,23 +171,15 @@ def clip(
     return clip_higher(cols, counts, eps_low=eps, eps_high=eps, dual_clip=dual_clip, kl_coef=kl_coef, kl=kl, agg=agg)
 
 
-def _pg_reads(params: dict) -> set[str]:
-    base = {"response_mask", "old_logprobs", "advantages"}
-    return base | {"ref_logprobs"} if params.get("kl_coef", 0.0) > 0.0 else base
-
-
-LOSSES.register("clip")(LossVariant(fn=clip, needs="logprobs", reads=_pg_reads))
-LOSSES.register("clip_higher")(LossVariant(fn=clip_higher, needs="logprobs", reads=_pg_reads))
-
-
 # --- critic: clipped value loss ------------------------------------------------------
 
 
+@loss_variant(needs="values", reads={"values": "token", "returns": "token"}, coefficient="(critic) V - Ret")
 def value(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
     *,
-    eps_v: float = 0.5,
+    eps_v: Positive = 0.5,
     agg: AggMode = "token-mean",
 ) -> LossTerm:
     """Clipped value loss, ALGORITHMS.md §1.4 (PPO2 baselines; verl, OpenRLHF).
@@ -230,61 +217,60 @@ def value(
     return LossTerm(loss, metrics)
 
 
-LOSSES.register("value")(LossVariant(fn=value, needs="values", reads=lambda params: {"response_mask", "values", "returns"}))
 
 
 # --- likelihood: SFT and VAPO's positive-example LM loss ------------------------------
 
 
 def _nll_mask(cols: Mapping[str, torch.Tensor], params: dict) -> torch.Tensor:
+    """The rows the likelihood is taken over: every row, or the correct ones only."""
     mask = cols["response_mask"]  # [B,T]
     if params.get("where", "all") == "correct":
         return mask * (cols["rewards"] > 0).to(mask.dtype).unsqueeze(-1)  # [B,T]: correct rows only
     return mask
 
 
+def _nll_reads(spec) -> dict[str, str]:
+    return {"rewards": "seq"} if spec.where == "correct" else {}
+
+
+@loss_variant(needs="logprobs", reads=_nll_reads, mask=_nll_mask, coefficient="1 (on the rows kept)")
 def nll(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
     *,
     agg: AggMode = "token-mean",
     where: Literal["all", "correct"] = "all",
-    coef: float = 1.0,
 ) -> LossTerm:
     """Negative log-likelihood of the responses: SFT, and VAPO's L_NTP (ALGORITHMS.md §8, item 6).
 
-        loss = -coef · aggregate(lp, mask', agg)
+        loss = -aggregate(lp, mask', agg)
         mask' = response_mask                      where="all"
               = response_mask · 1[rewards > 0]     where="correct"  (VAPO: N = tokens of correct samples)
 
-    With where="correct" and token-mean this is VAPO's -(1/N) Σ_{o∈𝒯} Σ_t lp scaled by
-    μ = coef. A mini-batch with no correct sample gives 0 (N is clamped to 1).
+    With where="correct" and token-mean this is VAPO's -(1/N) Σ_{o∈𝒯} Σ_t lp; its weight
+    μ is the node's ``coef``. A mini-batch with no correct sample gives 0 (N is clamped to 1).
     """
     mask = _nll_mask(cols, {"where": where})  # [B,T]
     lp = cols["logprobs"]  # [B,T] grad
-    loss = -coef * aggregate(lp, mask, agg, counts)
+    loss = -aggregate(lp, mask, agg, counts)
     with torch.no_grad():
         local = _local_counts(mask, counts.constant)
-        metrics = _floats({"loss/nll": -coef * aggregate(lp, mask, agg, local)})
+        metrics = _floats({"loss/nll": -aggregate(lp, mask, agg, local)})
     return LossTerm(loss, metrics)
-
-
-def _nll_reads(params: dict) -> set[str]:
-    return {"response_mask", "rewards"} if params.get("where", "all") == "correct" else {"response_mask"}
-
-
-LOSSES.register("nll")(LossVariant(fn=nll, needs="logprobs", reads=_nll_reads, mask=_nll_mask))
 
 
 # --- preferences: DPO / cDPO / IPO, Bradley–Terry reward model ----------------------
 
 
+@loss_variant(needs="logprobs", reads={"ref_logprobs": "token", "group": "seq", "chosen": "seq"},
+              coefficient="β·σ(-βh)·(+1 chosen, -1 rejected)")
 def dpo(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
     *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
+    beta: Positive = 0.1,
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0,
     ipo: bool = False,
 ) -> LossTerm:
     """DPO (Rafailov et al. 2023), cDPO label smoothing and IPO, ALGORITHMS.md §9.1, Part A §11.
@@ -329,15 +315,13 @@ def dpo(
     return LossTerm(loss, metrics)
 
 
-LOSSES.register("dpo")(
-    LossVariant(fn=dpo, needs="logprobs", reads=lambda params: {"response_mask", "ref_logprobs", "group", "chosen"})
-)
-
-
 def _row_mask(cols: Mapping[str, torch.Tensor], params: dict) -> torch.Tensor:
+    """One "token" per row: the Bradley–Terry loss is over whole responses."""
     return torch.ones_like(cols["group"], dtype=torch.float32).unsqueeze(-1)  # [B,1]: one "token" per row
 
 
+@loss_variant(needs="scores", reads={"group": "seq", "chosen": "seq"}, mask=_row_mask,
+              coefficient="(reward model) σ(-(s_w - s_l))")
 def bradley_terry(cols: Mapping[str, torch.Tensor], counts: Counts) -> LossTerm:
     """Pairwise reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1).
 
@@ -364,6 +348,50 @@ def bradley_terry(cols: Mapping[str, torch.Tensor], counts: Counts) -> LossTerm:
     return LossTerm(loss, metrics)
 
 
-LOSSES.register("bradley_terry")(
-    LossVariant(fn=bradley_terry, needs="scores", reads=lambda params: {"group", "chosen"}, mask=_row_mask)
-)
+# --- the node runner: what the engine's update loop asks of each Loss node ------------------
+
+
+@runner("loss")
+class LossRunner(ModelRunner):
+    """A Loss node in the update loop. The engine, per mini-batch and model, asks every
+    runner on that model for its :meth:`counts` (denominators of the whole mini-batch),
+    runs one forward per micro-batch with :meth:`outputs` (the union of what the terms
+    need), and sums the runners' :meth:`term` s into the model's loss."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.variant = LOSSES[spec.variant]
+        self.params = self.variant.arguments(spec)
+
+    @property
+    def needs(self) -> str:
+        return self.variant.needs
+
+    def _cols(self, cols: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The columns the loss sees: its own mask column stands in for ``response_mask``."""
+        mask = self.spec.mask
+        return cols if mask == "response_mask" else {**cols, "response_mask": cols[mask]}
+
+    def counts(self, mini) -> Counts:
+        """Denominators of the whole mini-batch (all ranks), over this loss's effective mask."""
+        mask = self.variant.mask(self._cols(mini.tensors()), self.params)
+        return count(mask, mini.get("group"), constant=self.spec.agg_constant or 1.0)
+
+    def term(self, cols: Mapping[str, torch.Tensor], counts: Counts) -> LossTerm:
+        """This micro-batch's share of ``coef ·`` the loss, and its metrics."""
+        t = self.variant.fn(self._cols(cols), counts, **self.params)
+        return LossTerm(self.spec.coef * t.loss, t.metrics)
+
+    def outputs(self, worker, micro, needs: set[str]) -> dict[str, torch.Tensor]:
+        """One forward of ``worker`` on a micro-batch, with grad: every output in ``needs``."""
+        from rlflow.forward import response_logprobs, response_values, sequence_scores
+
+        args = (micro["prompt_ids"], micro["prompt_mask"], micro["response_ids"], micro["response_mask"])
+        out: dict[str, torch.Tensor] = {}
+        if "logprobs" in needs:
+            out["logprobs"] = response_logprobs(worker.engine, *args, temperature=self.spec.temperature or 1.0)
+        if "values" in needs:
+            out["new_values"] = response_values(worker.engine, *args)
+        if "scores" in needs:
+            out["scores"] = sequence_scores(worker.engine, *args)
+        return out

@@ -9,20 +9,18 @@ and 0 on padding (ALGORITHMS.md §0.1). Every batch-wide statistic goes through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
-import torch
+from pydantic import Field
 
 from rlflow.dist import all_reduce_sum
+from rlflow.lazy import torch
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-AGG_MODES: tuple[str, ...] = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
+AGG_MODES: tuple[str, ...] = get_args(AggMode)
 KlEstimator = Literal["k1", "k2", "k3"]
+# the weight of a KL penalty, a setting of every variant that can put KL in the reward or loss
+KlCoef = Annotated[float, Field(ge=0, description="weight β of the KL penalty (0: off)")]
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

@@ -7,8 +7,8 @@ holds the row's text fields (``prompt``, ``answer``, ...). A rule that raises, r
 something that is not a finite number, or runs past ``RULE_TIMEOUT_S`` stops the run
 with an error that shows the sample: nothing is silently turned into a zero.
 
-The soft overlong punishment of DAPO (§7.2), with L_max = Generate.max_new_tokens and
-L_cache = ``overlong_buffer``:
+The soft overlong punishment of DAPO (§7.2), with L_max = the node's ``max_new_tokens``
+(resolved from the Generate node when the graph is built) and L_cache = ``overlong_buffer``:
     0                                  if |y| <= L_max - L_cache
     ((L_max - L_cache) - |y|) / L_cache   if L_max - L_cache < |y| <= L_max
 multiplied by ``overlong_penalty`` and added to R.
@@ -21,11 +21,8 @@ import signal
 import threading
 from contextlib import contextmanager
 
-import torch
-
-from rlflow.batch import Batch, iter_rows
-from rlflow.node import Context, runner
-from rlflow.spec import Score
+from rlflow.lazy import torch
+from rlflow.node import Context, NodeRunner, runner
 
 RULE_TIMEOUT_S = 10.0
 
@@ -79,13 +76,12 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: f
 
 
 @runner("score")
-class ScoreRunner:
-    def __init__(self, spec: Score):
-        self.spec = spec
-
-    def _score(self, batch: Batch, ctx: Context, texts: list[str], ids_col: str, mask_col: str, metrics: dict, prefix: str,
+class ScoreRunner(NodeRunner):
+    def _score(self, batch, ctx: Context, texts: list[str], ids_col: str, mask_col: str, metrics: dict, prefix: str,
                parts: bool = False) -> torch.Tensor:
         s = self.spec
+        from rlflow.batch import iter_rows
+
         rows = list(iter_rows(batch, ("prompt", "answer")))
         total = torch.zeros(len(batch))
         for name, rule in s.rules.items():
@@ -97,13 +93,14 @@ class ScoreRunner:
         if s.model is not None:
             from rlflow.forward import sequence_scores
 
+            worker = ctx.workers[s.model]
+            b = batch.to(worker.device)
             with torch.no_grad():
-                rm = sequence_scores(ctx.workers[s.model].engine, batch["prompt_ids"], batch["prompt_mask"], batch[ids_col], batch[mask_col])
+                rm = sequence_scores(worker.engine, b["prompt_ids"], b["prompt_mask"], b[ids_col], b[mask_col])
             metrics[f"{prefix}/model"] = float(rm.mean())
-            total += rm.float()
+            total += rm.float().to(total.device)
         if s.overlong_buffer:
-            gen = ctx.graph.generate()
-            pen = overlong_penalty(batch[mask_col].sum(-1), gen.max_new_tokens, s.overlong_buffer, s.overlong_penalty)
+            pen = overlong_penalty(batch[mask_col].sum(-1), s.max_new_tokens, s.overlong_buffer, s.overlong_penalty)
             metrics[f"{prefix}/overlong"] = float(pen.mean())
             total += pen
         return total

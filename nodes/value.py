@@ -6,23 +6,18 @@ response token t (verl slices the critic output ``[-T-1:-1]``). 0 on padding: [B
 
 from __future__ import annotations
 
-import torch
-
-from rlflow.batch import Batch
-from rlflow.forward import response_values
-from rlflow.node import Context, runner
-from rlflow.spec import Value
+from rlflow.lazy import no_grad
+from rlflow.node import Context, ModelRunner, runner
 
 
 @runner("value")
-class ValueRunner:
-    def __init__(self, spec: Value):
-        self.spec = spec
+class ValueRunner(ModelRunner):
+    @no_grad
+    def run(self, batch, ctx: Context):
+        from rlflow.forward import response_values
 
-    @torch.no_grad()
-    def run(self, batch: Batch, ctx: Context):
-        worker = ctx.workers[self.spec.model]
-        v = response_values(worker.engine, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
-        batch["values"] = v
-        m = batch["response_mask"]
+        b = self.inputs(batch, ctx)
+        v = response_values(self.worker(ctx).engine, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
+        b["values"] = v
+        m = b["response_mask"]
         return {"values/mean": float((v * m).sum() / m.sum().clamp(min=1))}

@@ -10,7 +10,7 @@ prompt/chosen/rejected rows works the same: Pairs("my_pairs.jsonl").
 """
 
 from rlflow import Eval, Loss, Model, Pairs, Pipeline, RefLogprob
-from rlflow.arith import MAX_NEW_TOKENS
+from rlflow.arith import MAX_NEW_TOKENS, exact_match
 
 actor = Model("builtin:tiny-arith", train=True, lr=1e-4)
 
@@ -24,5 +24,5 @@ pipeline = Pipeline(
         Loss("dpo", model="actor", beta=0.1),
     ],
     steps=200,
-    eval=Eval(max_new_tokens=MAX_NEW_TOKENS),
+    eval=Eval(max_new_tokens=MAX_NEW_TOKENS, rule=exact_match),  # also the task accuracy of the policy
 )

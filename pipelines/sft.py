@@ -10,7 +10,7 @@ pipelines have room to improve it.
 """
 
 from rlflow import Demonstrations, Eval, Loss, Model, Pipeline
-from rlflow.arith import MAX_NEW_TOKENS, SFT_BATCH, SFT_LR, SFT_STEPS, SFT_WARMUP
+from rlflow.arith import MAX_NEW_TOKENS, SFT_BATCH, SFT_LR, SFT_STEPS, SFT_WARMUP, exact_match
 
 pipeline = Pipeline(
     name="sft",
@@ -19,5 +19,5 @@ pipeline = Pipeline(
     models={"policy": Model("builtin:tiny-arith-init", train=True, lr=SFT_LR, warmup_steps=SFT_WARMUP)},
     nodes=[Loss("nll", model="policy", agg="token-mean")],
     steps=SFT_STEPS,
-    eval=Eval(max_new_tokens=MAX_NEW_TOKENS, size=500),
+    eval=Eval(max_new_tokens=MAX_NEW_TOKENS, size=500, rule=exact_match),
 )

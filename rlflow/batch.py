@@ -20,7 +20,7 @@ _LEFT_PADDED = {"prompt_ids", "prompt_mask"}
 class Batch:
     def __init__(self, columns: dict[str, Any] | None = None, meta: dict[str, Any] | None = None):
         self.columns: dict[str, Any] = {}
-        self.meta: dict[str, Any] = dict(meta or {})  # batch-wide facts (pad id, temperature, ...)
+        self.meta: dict[str, Any] = dict(meta or {})  # batch-wide facts (the pad id)
         for k, v in (columns or {}).items():
             self[k] = v
 
@@ -130,10 +130,11 @@ class Batch:
         return self.select([i for o in order for i in range(*bounds[o])])
 
     def to(self, device: torch.device | str) -> "Batch":
-        out = Batch(meta=self.meta)
+        """Move every tensor column to ``device``, in place; returns the batch itself."""
         for k, v in self.columns.items():
-            out.columns[k] = v.to(device) if isinstance(v, torch.Tensor) else v
-        return out
+            if isinstance(v, torch.Tensor) and v.device != torch.device(device):
+                self.columns[k] = v.to(device)
+        return self
 
     @staticmethod
     def cat(batches: Sequence["Batch"]) -> "Batch":

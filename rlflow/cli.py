@@ -105,50 +105,26 @@ def cmd_graph(args) -> int:
     return EXIT_USAGE if pg.errors else 0
 
 
-def flatten(pipeline) -> dict[str, str]:
-    """Every setting of a pipeline as 'owner.field' -> shown value (for compare)."""
-    from rlflow.view import _fmt
-
-    flat: dict[str, str] = {}
-    for k in ("steps", "ppo_epochs", "mini_batches"):
-        flat[f"pipeline.{k}"] = _fmt(getattr(pipeline, k))
-    flat["data.kind"] = pipeline.data.kind
-    for k, v in pipeline.data.model_dump().items():
-        flat[f"data.{k}"] = _fmt(v)
-    for name, m in pipeline.models.items():
-        head = f"{m.head}({m.reward_from})" if m.head == "reward" else m.head
-        flat[f"models.{name}"] = f"{m.path} head={head} {'train lr=' + format(m.lr, 'g') if m.train else 'frozen'}"
-    for node in pipeline.nodes:
-        flat[f"{node.name}"] = node.kind + (f":{node.variant}" if hasattr(node, "variant") else "")
-        for k, v in node.params().items():
-            if k != "variant":
-                flat[f"{node.name}.{k}"] = _fmt(v)
-    return flat
-
-
 def cmd_compare(args) -> int:
+    """The settings that differ between pipeline files or runs' config.json, resolved as they run."""
     from rich.table import Table
 
-    pipes = [load_pipeline(f) for f in args.files]
-    flats = [flatten(p) for p in pipes]
-    keys: list[str] = []
-    for f in flats:
-        keys += [k for k in f if k not in keys]
+    from rlflow.graph import resolve
+    from rlflow.settings import diff
+
+    pipes = [resolve(apply_overrides(load_pipeline(f), args.set or [])) for f in args.files]
+    rows = diff(*(p.to_config() for p in pipes))
+    c = _console()
+    if not rows:
+        c.print("the pipelines are identical in every setting", markup=False)
+        return 0
     table = Table(title="what differs (— = absent)", title_justify="left")
     table.add_column("setting")
     for p, f in zip(pipes, args.files):
         table.add_column(f"{p.name}\n{Path(f).name}")
-    rows = 0
-    for k in keys:
-        vals = [f.get(k, "—") for f in flats]
-        if len(set(vals)) > 1:
-            table.add_row(k, *vals)
-            rows += 1
-    c = _console()
-    if rows:
-        c.print(table)
-    else:
-        c.print("the pipelines are identical in every setting", markup=False)
+    for key, values in rows:
+        table.add_row(key, *values)
+    c.print(table)
     return 0
 
 
@@ -292,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE")
     g.set_defaults(fn=cmd_graph)
 
-    c = sub.add_parser("compare", help="what differs between pipelines, node by node")
-    c.add_argument("files", nargs="+")
+    c = sub.add_parser("compare", help="every setting that differs between pipelines (files or runs' config.json)")
+    c.add_argument("files", nargs="+", help="pipeline files (.py) or runs' config.json")
+    c.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter in every file first")
     c.set_defaults(fn=cmd_compare)
 
     lst = sub.add_parser("list", help="the shipped pipelines")

@@ -4,6 +4,11 @@ Edges follow from the columns each node reads and writes (names wire the graph).
 data source is the node ``data``. Every check runs before any model is loaded, all
 problems are reported at once, and each has a stable code. No torch import.
 
+Settings a node takes from the Generate node (the sampling temperature of log-probs,
+``max_new_tokens`` as the overlong L_max or a loss constant) are resolved here, once:
+``PipelineGraph.pipeline`` is the resolved pipeline, and a setting that cannot be
+resolved is a problem like any other.
+
 A ``Filter`` node removes rows: every experience node that does not feed it runs after
 it (so work downstream of a filter is done on the kept rows only), and the engine
 re-runs the filter's ancestors on fresh prompts when it keeps too few groups.
@@ -17,7 +22,7 @@ from typing import Optional
 
 import networkx as nx
 
-from rlflow.spec import AdvantageSpec, Generate, LossSpec, Node, Pipeline
+from rlflow.spec import Generate, LossSpec, Node, Pipeline
 
 DATA = "data"
 
@@ -98,15 +103,11 @@ class PipelineGraph:
     def experience_order(self) -> list[Node]:
         return [self.node(n) for n in self.order() if self.node(n).stage == "experience"]
 
-    def loss_nodes(self) -> list[LossSpec]:
-        return [n for n in self.pipeline.nodes if isinstance(n, LossSpec)]
-
     def node(self, name: str) -> Node:
         return self.pipeline.node(name)
 
     def generate(self) -> Optional[Generate]:
-        gens = [n for n in self.pipeline.nodes if isinstance(n, Generate)]
-        return gens[0] if len(gens) == 1 else None
+        return _single_generate(self.pipeline)
 
     def upstream(self, name: str) -> set[str]:
         return nx.ancestors(self.graph, name) - {DATA}
@@ -118,8 +119,30 @@ class PipelineGraph:
         return [sorted(gen) for gen in nx.topological_generations(g)] if nx.is_directed_acyclic_graph(g) else []
 
 
+def _single_generate(pipeline: Pipeline) -> Optional[Generate]:
+    gens = [n for n in pipeline.nodes if isinstance(n, Generate)]
+    return gens[0] if len(gens) == 1 else None
+
+
+def resolve(pipeline: Pipeline) -> Pipeline:
+    """The pipeline with every unset setting that a node takes from the Generate node filled in
+    (unchanged when there is nothing to fill; idempotent)."""
+    gen = _single_generate(pipeline)
+    nodes = []
+    for n in pipeline.nodes:
+        updates = n.resolve(gen)
+        nodes.append(n.model_copy(update=updates) if updates else n)
+    ev = pipeline.eval
+    if ev is not None and ev.max_new_tokens is None and gen is not None:
+        ev = ev.model_copy(update={"max_new_tokens": gen.max_new_tokens})
+    if nodes == pipeline.nodes and ev is pipeline.eval:
+        return pipeline
+    return pipeline.model_copy(update={"nodes": nodes, "eval": ev})
+
+
 def build(pipeline: Pipeline) -> PipelineGraph:
-    """Build the graph of ``pipeline`` and run every static check."""
+    """Resolve ``pipeline``, build its graph and run every static check."""
+    pipeline = resolve(pipeline)
     g = nx.DiGraph()
     pg = PipelineGraph(pipeline=pipeline, graph=g)
     problems = pg.problems
@@ -170,7 +193,7 @@ def build(pipeline: Pipeline) -> PipelineGraph:
 
     # a Filter runs before every experience node that does not feed it
     for f in pipeline.nodes:
-        if f.kind != "filter" or not getattr(f, "drops_rows", False) or f.name not in g:
+        if not getattr(f, "drops_rows", False) or f.name not in g:
             continue
         feeds = nx.ancestors(g, f.name) if nx.is_directed_acyclic_graph(g) else set()
         for n in pipeline.nodes:
@@ -188,6 +211,7 @@ def build(pipeline: Pipeline) -> PipelineGraph:
 
     _check_models(pipeline, pg)
     _check_groups(pipeline, pg)
+    _check_resolved(pipeline, pg)
 
     # unused outputs (warnings)
     loss_reads = set().union(*(n.reads() for n in pipeline.nodes)) if pipeline.nodes else set()
@@ -219,7 +243,7 @@ def _check_models(pipeline: Pipeline, pg: PipelineGraph) -> None:
                                             f"declare Model(..., train=True) for {ref!r}, or point the loss at a trainable model"))
                 need = _HEAD_OF_NEED[n.needs]
                 if spec.head != need:
-                    problems.append(Problem("RF011", n.name, fld, f"Loss {n.variant!r} needs {n.needs} from a model with head={need!r}",
+                    problems.append(Problem("RF011", n.name, fld, f"{n.label()} needs {n.needs} from a model with head={need!r}",
                                             f"head={need!r}", f"head={spec.head!r}"))
             elif n.kind in ("generate", "ref_logprob") and spec.head != "lm":
                 problems.append(Problem("RF011", n.name, fld, f"{n.kind} needs a language model", "head='lm'", f"head={spec.head!r}"))
@@ -240,36 +264,33 @@ def _check_models(pipeline: Pipeline, pg: PipelineGraph) -> None:
 
 
 def _check_groups(pipeline: Pipeline, pg: PipelineGraph) -> None:
-    """Group baselines need more than one sample per prompt (ALGORITHMS.md Part A §4)."""
+    """Group baselines and pairings need more than one sample per prompt (ALGORITHMS.md Part A §4)."""
     for n in pipeline.nodes:
-        if isinstance(n, AdvantageSpec) and n.group_based:
-            gens = [pipeline.node(a) for a in _ancestors(pg, n.name) if pipeline.node(a).kind == "generate"]
-            for gen in gens:
-                if gen.n < 2:
-                    pg.problems.append(Problem("RF009", n.name, "variant",
-                                               f"{n.variant!r} needs a group baseline, but {gen.name!r} samples n={gen.n} per prompt",
-                                               "n >= 2", f"n={gen.n}", f"set {gen.name}.n >= 2, or use a variant without a group baseline"))
-        if n.kind == "filter" and getattr(n, "variant", "") == "pairs":
-            for a in _ancestors(pg, n.name):
-                gen = pipeline.node(a)
-                if gen.kind == "generate" and gen.n < 2:
-                    pg.problems.append(Problem("RF009", n.name, "variant", f"best-vs-worst pairs need n >= 2 samples per prompt, "
-                                               f"but {gen.name!r} samples n={gen.n}", "n >= 2", f"n={gen.n}", f"set {gen.name}.n >= 2"))
-    gens = [n for n in pipeline.nodes if isinstance(n, Generate)]
+        if not getattr(n, "declared", None) or not n.declared.facts.get("group_based"):
+            continue
+        for a in _ancestors(pg, n.name):
+            gen = pipeline.node(a)
+            if isinstance(gen, Generate) and gen.n < 2:
+                pg.problems.append(Problem("RF009", n.name, "variant",
+                                           f"{n.label()} needs several samples per prompt, but {gen.name!r} samples n={gen.n}",
+                                           "n >= 2", f"n={gen.n}", f"set {gen.name}.n >= 2, or use a variant without a group baseline"))
+
+
+def _check_resolved(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    """Settings taken from the Generate node that could not be taken (RF012)."""
+    n_gens = sum(isinstance(n, Generate) for n in pipeline.nodes)
     for n in pipeline.nodes:
-        if isinstance(n, LossSpec) and getattr(n, "agg", None) == "seq-mean-token-sum-norm" and getattr(n, "agg_constant", None) is None:
-            field, what = "agg_constant", "seq-mean-token-sum-norm takes C from Generate.max_new_tokens"
-            hint = "one Generate node or agg_constant=C"
-        elif n.kind == "score" and getattr(n, "overlong_buffer", None):
-            field, what = "overlong_buffer", "the overlong punishment takes L_max from Generate.max_new_tokens"
-            hint = "one Generate node"
+        if isinstance(n, LossSpec) and getattr(n, "agg", None) == "seq-mean-token-sum-norm" and n.agg_constant is None:
+            field, what, hint = "agg_constant", "seq-mean-token-sum-norm takes C from Generate.max_new_tokens", "one Generate node or agg_constant=C"
+        elif n.kind == "score" and n.overlong_buffer and n.max_new_tokens is None:
+            field, what, hint = "overlong_buffer", "the overlong punishment takes L_max from Generate.max_new_tokens", "one Generate node or max_new_tokens=L"
+        elif n.kind == "score" and n.overlong_buffer and n.overlong_buffer >= n.max_new_tokens:
+            pg.problems.append(Problem("RF012", n.name, "overlong_buffer", "the overlong buffer must be shorter than max_new_tokens",
+                                       f"< {n.max_new_tokens}", str(n.overlong_buffer)))
+            continue
         else:
             continue
-        if len(gens) != 1:
-            pg.problems.append(Problem("RF012", n.name, field, f"{what}, but there is no single Generate node", hint, f"{len(gens)} Generate nodes"))
-        elif n.kind == "score" and n.overlong_buffer >= gens[0].max_new_tokens:
-            pg.problems.append(Problem("RF012", n.name, field, "the overlong buffer must be shorter than max_new_tokens",
-                                       f"< {gens[0].max_new_tokens}", str(n.overlong_buffer)))
+        pg.problems.append(Problem("RF012", n.name, field, f"{what}, but there is no single Generate node", hint, f"{n_gens} Generate nodes"))
 
 
 def _ancestors(pg: PipelineGraph, name: str) -> set[str]:

@@ -1,19 +1,18 @@
-"""Load a pipeline file and apply ``--set`` overrides, turning every mistake into a
-``UserError`` with a stable code, the file, the line, and what would be valid.
-No torch import.
+"""Load a pipeline file (or a run's ``config.json``) and apply ``--set`` overrides, turning
+every mistake into a ``UserError`` with a stable code, the file, the line, and what would
+be valid. No torch import.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from rlflow.pyfile import import_file
 from rlflow.registry import UnknownName
 from rlflow.spec import Model, Pipeline
 
@@ -43,19 +42,17 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def load_pipeline(file: str | Path) -> Pipeline:
-    """Import ``file`` and return its ``pipeline`` (or its only Pipeline object)."""
+    """The pipeline of a ``.py`` file (its ``pipeline``, or its only Pipeline object), or of a
+    run's ``config.json``."""
     path = Path(file)
     if not path.exists():
         raise UserError("RF100", f"{path}: no such pipeline file")
-    if path.is_dir() or path.suffix != ".py":
-        raise UserError("RF100", f"{path}: a pipeline file is a .py file")
-    name = f"rlflow_pipeline_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # so rules defined in the file can be found by name
-    sys.path.insert(0, str(path.parent.resolve()))  # as when running a script: siblings import
+    if path.is_dir() or path.suffix not in (".py", ".json"):
+        raise UserError("RF100", f"{path}: a pipeline is a .py file or a run's config.json")
+    if path.suffix == ".json":
+        return load_config(path)
     try:
-        spec.loader.exec_module(module)
+        module = import_file(path)
     except SyntaxError as e:
         raise UserError("RF101", f"{path}:{e.lineno}: syntax error: {e.msg}") from e
     except ValidationError as e:
@@ -66,10 +63,11 @@ def load_pipeline(file: str | Path) -> Pipeline:
         raise UserError("RF103", f"{_line_in(path, e.__traceback__)}: {type(e).__name__}: {e}") from e
     except ImportError as e:
         raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: cannot import: {e}") from e
+    except SystemExit as e:
+        raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: the pipeline file called sys.exit({e.code!r}) "
+                        "while loading; a pipeline file only declares") from None
     except Exception as e:
         raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: {type(e).__name__} while loading the pipeline: {e}") from e
-    finally:
-        sys.path.remove(str(path.parent.resolve()))
     found = getattr(module, "pipeline", None)
     if not isinstance(found, Pipeline):
         objs = [v for v in vars(module).values() if isinstance(v, Pipeline)]
@@ -78,6 +76,24 @@ def load_pipeline(file: str | Path) -> Pipeline:
                             + (f" (it has {len(objs)} Pipeline objects)" if objs else ""))
         found = objs[0]
     return found
+
+
+def load_config(path: Path) -> Pipeline:
+    """A pipeline from a run's ``config.json`` (what ``Pipeline.to_config`` wrote)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError("RF100", f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError("RF100", f"{path}: a config is a JSON object, found {type(data).__name__}")
+    try:
+        return Pipeline.from_config(data)
+    except ValidationError as e:
+        raise UserError("RF103", f"{path}: invalid {format_validation_error(e)}") from e
+    except UnknownName as e:
+        raise UserError("RF104", f"{path}: {e}") from e
+    except (ValueError, TypeError, ImportError) as e:
+        raise UserError("RF105", f"{path}: {type(e).__name__}: {e}") from e
 
 
 def _parse_value(text: str) -> Any:

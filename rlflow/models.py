@@ -13,7 +13,6 @@ and cached on first use). All three go through the same ``from_pretrained`` call
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -162,8 +161,10 @@ class Worker:
     def trainable(self) -> bool:
         return self.spec.train
 
-    def forward(self, **kw):
-        return self.engine(**kw)
+    @property
+    def device(self):
+        """Where the model's parameters live: every batch it reads is moved here."""
+        return next(self.module.parameters()).device
 
     def backward(self, loss, *, last: bool) -> None:
         """Accumulate gradients of one micro-batch; ``last`` marks the mini-batch boundary."""
@@ -205,8 +206,10 @@ class Worker:
             self.tokenizer.save_pretrained(directory)
 
 
-def place(name: str, spec: Model, *, on_build: Optional[Callable[[str], None]] = None, shared: Optional[dict] = None) -> Worker:
-    """Load ``spec`` and wrap it with DeepSpeed. ``shared`` caches tokenizers by path."""
+def place(name: str, spec: Model, *, on_build: Optional[Callable[[str], None]] = None, shared: Optional[dict] = None,
+          train: Optional[Callable] = None) -> Worker:
+    """Load ``spec`` and wrap it with DeepSpeed. ``shared`` caches tokenizers by path;
+    ``train(pipeline, out_dir)`` trains a built-in model that must be built first."""
     import deepspeed
     import torch
 
@@ -248,21 +251,3 @@ def place(name: str, spec: Model, *, on_build: Optional[Callable[[str], None]] =
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
     return Worker(name, spec, engine, engine.module, tokenizer, path)
-
-
-def atomic_dir(final: Path) -> tuple[Path, Callable[[], None]]:
-    """A temporary sibling of ``final`` and a function that renames it into place."""
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-
-    def commit() -> None:
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-
-    return tmp, commit

@@ -1,15 +1,16 @@
 """What a node runner is: the runtime side of a node kind.
 
-A node kind has a spec (in ``rlflow.spec``: parameters, reads, writes) and a runner
-(in ``rlflow.nodes``): ``runner(spec)`` is built once per run and ``run(batch, ctx)``
-writes its columns into ``batch`` and returns metrics. Runners keep no state between
-calls beyond what they were built with, so the scheduler is free to order them.
+A node kind has a spec (``rlflow.spec``: parameters, reads, writes) and a runner (in
+``rlflow.nodes``): ``runner(spec)`` is built once per run and ``run(batch, ctx)``
+writes its columns into ``batch`` and returns metrics (or returns a new batch and
+metrics, for nodes that change the rows). Runners keep no state between calls beyond
+what they were built with, so the scheduler is free to order them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from rlflow.registry import Registry
 
@@ -19,18 +20,8 @@ class Context:
     """What a node may use while it runs: the placed models, the random generator, the step."""
 
     workers: dict[str, Any]  # model name -> rlflow.models.Worker
-    graph: Any  # rlflow.graph.PipelineGraph
     generator: Any  # torch.Generator owned by the engine (saved in checkpoints)
     step: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def pipeline(self):
-        return self.graph.pipeline
-
-
-class Runner(Protocol):
-    def run(self, batch, ctx: Context) -> dict[str, float]: ...
 
 
 RUNNERS: Registry[type] = Registry("node runner")
@@ -39,3 +30,28 @@ RUNNERS: Registry[type] = Registry("node runner")
 def runner(kind: str):
     """Register the runner class of a node kind: ``@runner("score")``."""
     return RUNNERS.register(kind)
+
+
+class NodeRunner:
+    """Base of every runner: holds the node's validated spec."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def run(self, batch, ctx: Context):
+        raise NotImplementedError
+
+
+class ModelRunner(NodeRunner):
+    """A runner of a node that runs one model (``spec.model``).
+
+    :meth:`inputs` is the one place where a batch moves to the device of the model that
+    reads it; every tensor a runner makes is made on its inputs' device.
+    """
+
+    def worker(self, ctx: Context):
+        return ctx.workers[self.spec.model]
+
+    def inputs(self, batch, ctx: Context):
+        """``batch`` with every tensor on the model's device (the same batch when already there)."""
+        return batch.to(self.worker(ctx).device)

@@ -1,9 +1,14 @@
 """The spec layer: what a pipeline file declares, as validated pydantic models.
 
-Pure data. No torch import, cheap to build, serialisable to a run's ``config.json``.
-Every model forbids unknown keys, so a misspelt parameter fails instead of vanishing.
-Each node kind declares the columns it reads and writes (with their level), and the
-graph layer wires the pipeline from those declarations alone.
+Pure data. No torch import, cheap to build, serialisable to a run's ``config.json`` and
+back (``Pipeline.from_config(p.to_config()) == p``). Every model forbids unknown keys,
+so a misspelt parameter fails instead of vanishing, and refuses NaN and infinity in
+every float. Each node kind declares the columns it reads and writes (with their
+level), and the graph layer wires the pipeline from those declarations alone.
+
+Advantage, Loss and Filter nodes are variants declared once, in the node library
+(``nodes/*.py``), with :mod:`rlflow.variants`: their specs are made from the variant
+functions' signatures, not written here.
 
 Column levels:
     seq     one value per row                      [B]
@@ -17,40 +22,52 @@ from __future__ import annotations
 import importlib
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, SerializationInfo,
+                      model_validator)
 
-from rlflow.registry import Registry
+from rlflow.pyfile import file_of, import_file
+from rlflow.registry import Registry, UnknownName
+from rlflow.variants import Declared, VariantKind
 
 Level = Literal["seq", "token", "prompt", "text"]
-AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-KlEstimator = Literal["k1", "k2", "k3"]
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True,
+                              allow_inf_nan=False)
 
 
 # --- rule functions ----------------------------------------------------------------------
 
 
-def _import_callable(ref: Any) -> Any:
-    """Accept a callable, or a "module:attr" string naming one (as written in config.json)."""
+def import_callable(ref: Any) -> Any:
+    """A callable, or a reference to one as written in config.json: ``package.module:function``
+    or ``path/to/pipeline.py:function`` (a rule defined inside a pipeline file)."""
     if callable(ref) or not isinstance(ref, str):
         return ref
-    module, _, attr = ref.partition(":")
-    if not attr:
-        raise ValueError(f"a rule given by name must look like 'package.module:function', got {ref!r}")
-    obj = importlib.import_module(module)
+    where, _, attr = ref.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"a rule given by name must look like 'package.module:function' or 'file.py:function', got {ref!r}")
+    if "<" in attr:
+        raise ValueError(f"the rule {ref!r} was a lambda or a function defined inside another one; only functions "
+                         "defined at module level can be named in config.json")
+    obj = import_file(where, fresh=False) if where.endswith(".py") else importlib.import_module(where)
     for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{where} has no {attr!r} (from the rule reference {ref!r})")
         obj = getattr(obj, part)
     return obj
 
 
-def _callable_name(fn: Callable) -> str:
-    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+def callable_ref(fn: Callable) -> str:
+    """The importable reference of ``fn``: ``module:qualname``, or ``file.py:qualname`` for a
+    function defined in a pipeline file. A lambda or nested function gets a reference that
+    :func:`import_callable` refuses with a clear message (config.json records it all the same)."""
+    module, name = getattr(fn, "__module__", None) or "?", getattr(fn, "__qualname__", None) or repr(fn)
+    return f"{file_of(module) or module}:{name}"
 
 
-RuleFn = Annotated[Callable[..., float], BeforeValidator(_import_callable), PlainSerializer(_callable_name)]
+RuleFn = Annotated[Callable[..., float], BeforeValidator(import_callable), PlainSerializer(callable_ref)]
 
 
 class Rule(Spec):
@@ -77,9 +94,9 @@ class Model(Spec):
     reward_from: Literal["classifier", "likelihood"] = Field(
         "classifier", description="head='reward' only: a scalar classifier head at the last token, or the summed "
         "log-prob of the response under the causal LM itself (a likelihood reward model)")
-    lr: float = Field(1e-5, gt=0)
+    lr: float = Field(1e-5, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -105,7 +122,6 @@ class DataSource(Spec):
     source: str
     batch_size: int = Field(16, ge=1, description="prompts (or pairs) per iteration")
     eval_source: Optional[str] = Field(None, description="held-out rows (jsonl); built-in data has its own eval split")
-    kind: ClassVar[str]
 
     def __init__(self, source: Optional[str] = None, /, **kw: Any):
         if source is not None:
@@ -119,7 +135,7 @@ class DataSource(Spec):
 class Prompts(DataSource):
     """Prompts with reference answers: ``builtin:arith``, a ``.jsonl`` file or a saved ``datasets`` dataset."""
 
-    kind: ClassVar[str] = "prompts"
+    kind: Literal["prompts"] = "prompts"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
 
@@ -127,7 +143,7 @@ class Prompts(DataSource):
 class Demonstrations(DataSource):
     """Prompt + completion rows for supervised fine-tuning (``builtin:arith`` or jsonl)."""
 
-    kind: ClassVar[str] = "demonstrations"
+    kind: Literal["demonstrations"] = "demonstrations"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
 
@@ -138,7 +154,7 @@ class Demonstrations(DataSource):
 class Pairs(DataSource):
     """Preference pairs (prompt, chosen, rejected): two rows per pair sharing ``group``."""
 
-    kind: ClassVar[str] = "pairs"
+    kind: Literal["pairs"] = "pairs"
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
@@ -147,7 +163,7 @@ class Pairs(DataSource):
         return {**super().writes(), "response_ids": "token", "response_mask": "token", "response": "text", "chosen": "seq"}
 
 
-DataSpec = Union[Prompts, Demonstrations, Pairs]
+DataSpec = Annotated[Union[Prompts, Demonstrations, Pairs], Field(discriminator="kind")]
 
 
 # --- nodes -----------------------------------------------------------------------------------
@@ -164,6 +180,7 @@ class Node(Spec):
 
     kind: ClassVar[str]
     stage: ClassVar[Literal["experience", "update"]] = "experience"
+    variants: ClassVar[Optional[VariantKind]] = None  # set for kinds with variants
     name: Optional[str] = None
 
     @model_validator(mode="after")
@@ -182,6 +199,15 @@ class Node(Spec):
         """Field name -> model name, for every model this node uses."""
         return {}
 
+    def resolve(self, gen: Optional["Generate"]) -> dict[str, Any]:
+        """Settings this node takes from the pipeline's Generate node when they are unset
+        (resolved once, when the graph is built); {} when nothing is taken."""
+        return {}
+
+    def label(self) -> str:
+        """``kind`` or ``kind:variant``."""
+        return self.kind + (f":{self.variant}" if hasattr(self, "variant") else "")
+
     def params(self) -> dict[str, Any]:
         """The node's parameters (for display and comparison): every field but ``name``."""
         return self.model_dump(exclude={"name"})
@@ -191,6 +217,26 @@ def node_kind(cls: type["Node"]) -> type["Node"]:
     """Register a node spec class under its ``kind`` (use it to add your own node kinds)."""
     NODE_KINDS.register(cls.kind)(cls)
     return cls
+
+
+def _node_from_data(data: Any) -> Any:
+    """A node from config data: ``{"kind": ..., ["variant": ...,] fields}`` (a Node passes as it is)."""
+    if isinstance(data, Node) or not isinstance(data, dict):
+        return data
+    if "kind" not in data:
+        raise ValueError(f"a node given as data needs its 'kind' (one of {', '.join(NODE_KINDS.names())})")
+    cls = NODE_KINDS[data["kind"]]
+    fields = {k: v for k, v in data.items() if k != "kind"}
+    if cls.variants is not None:
+        cls = cls.variants[fields.get("variant", "")].spec
+    return cls.model_validate(fields)
+
+
+def _node_to_data(node: Node, info: SerializationInfo) -> dict[str, Any]:
+    return {"kind": node.kind, **node.model_dump(mode=info.mode)}
+
+
+AnyNode = Annotated[Node, BeforeValidator(_node_from_data), PlainSerializer(_node_to_data)]
 
 
 class ModelNode(Node):
@@ -209,6 +255,7 @@ class ModelNode(Node):
 
 _RESPONSE = {"response_ids": "token", "response_mask": "token"}
 _PROMPT = {"prompt_ids": "prompt", "prompt_mask": "prompt"}
+_FROM_GENERATE = "default: the Generate node's {} (resolved when the graph is built)"
 
 
 @node_kind
@@ -253,6 +300,8 @@ class Score(Node):
     model: Optional[str] = None
     overlong_buffer: Optional[int] = Field(None, ge=1)
     overlong_penalty: float = Field(1.0, ge=0)
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="L_max of the overlong punishment; "
+                                          + _FROM_GENERATE.format("max_new_tokens"))
     score_greedy: bool = False
 
     @model_validator(mode="before")
@@ -297,9 +346,23 @@ class Score(Node):
     def model_refs(self):
         return {"model": self.model} if self.model else {}
 
+    def resolve(self, gen):
+        if self.overlong_buffer and self.max_new_tokens is None and gen is not None:
+            return {"max_new_tokens": gen.max_new_tokens}
+        return {}
+
+
+class _LogprobNode(ModelNode):
+    """A node that takes log-probs at the sampling temperature (ALGORITHMS.md Part A §1)."""
+
+    temperature: Optional[float] = Field(None, gt=0, description=_FROM_GENERATE.format("temperature") + "; 1 without one")
+
+    def resolve(self, gen):
+        return {"temperature": gen.temperature if gen else 1.0} if self.temperature is None else {}
+
 
 @node_kind
-class RefLogprob(ModelNode):
+class RefLogprob(_LogprobNode):
     """Log-probs of the responses under a frozen reference model (at the sampling temperature)."""
 
     kind: ClassVar[str] = "ref_logprob"
@@ -326,319 +389,127 @@ class Value(ModelNode):
         return {"values": "token"}
 
 
-# --- Advantage: one spec class per variant, discriminated by ``variant`` ---------------------
+# --- kinds with variants: the base specs; each variant's spec is made from its function ------
 
-ADVANTAGE_VARIANTS: Registry[type["AdvantageSpec"]] = Registry("advantage variant")
+KlEstimator = Literal["k1", "k2", "k3"]
 
 
-class AdvantageSpec(Node):
-    """Common to every advantage variant: optional KL in the reward, optional whitening.
+class _VariantNode(Node, Declared):
+    variant: str
 
-    ``kl_coef > 0`` subtracts ``kl_coef * k`` (estimator ``kl``, from the old vs the
-    reference log-probs) from the reward, per token or summed per sequence
-    (ALGORITHMS.md §0.3, placement 1).
+    def reads(self):
+        return self.declared.reads(self)
+
+    def writes(self):
+        return self.declared.writes(self)
+
+
+@node_kind
+class AdvantageSpec(_VariantNode):
+    """An advantage estimator (variants in ``nodes/advantage.py``).
+
+    Every variant takes ``kl_coef`` and ``whiten``; with ``kl_coef > 0`` the node
+    subtracts ``kl_coef * k`` (estimator ``kl``, from the old vs the reference
+    log-probs) from the reward (ALGORITHMS.md §0.3, placement 1).
     """
 
     kind: ClassVar[str] = "advantage"
-    group_based: ClassVar[bool] = False
-    variant: str
-    kl_coef: float = Field(0.0, ge=0)
-    kl: KlEstimator = "k1"
-    whiten: bool = False
+    kl: KlEstimator = Field("k1", description="KL estimator when kl_coef > 0 puts KL in the reward")
 
     def reads(self):
         out: dict[str, Level] = {"rewards": "seq", "response_mask": "token", "group": "seq"}
-        if self.kl_coef > 0:
+        if getattr(self, "kl_coef", 0.0) > 0:
             out |= {"old_logprobs": "token", "ref_logprobs": "token"}
-        return out
+        return {**out, **super().reads()}
 
     def writes(self):
-        return {"advantages": "token"}
+        return {"advantages": "token", **super().writes()}
+
+    @property
+    def group_based(self) -> bool:
+        return self.declared.group_based
 
 
-def _advantage(cls):
-    ADVANTAGE_VARIANTS.register(cls.model_fields["variant"].default)(cls)
-    return cls
-
-
-@_advantage
-class Gae(AdvantageSpec):
-    """GAE with decoupled λ (VC-PPO) and optional length-adaptive λ (VAPO); writes returns."""
-
-    variant: Literal["gae"] = "gae"
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    lambda_critic: Optional[float] = Field(None, ge=0, le=1)
-    length_alpha: Optional[float] = Field(None, gt=0)
-    whiten: bool = True
-
-    def reads(self):
-        return {**super().reads(), "values": "token"}
-
-    def writes(self):
-        return {"advantages": "token", "returns": "token"}
-
-
-@_advantage
-class GroupNorm(AdvantageSpec):
-    """GRPO: (R - group mean) / (group std + eps)."""
-
-    group_based: ClassVar[bool] = True
-    variant: Literal["group_norm"] = "group_norm"
-    eps: float = Field(1e-6, gt=0)
-
-
-@_advantage
-class GroupCenter(AdvantageSpec):
-    """Dr. GRPO: R - group mean (with whiten=True: REINFORCE++-baseline)."""
-
-    group_based: ClassVar[bool] = True
-    variant: Literal["group_center"] = "group_center"
-
-
-@_advantage
-class Rloo(AdvantageSpec):
-    """RLOO: R minus the mean of the other samples of the same prompt."""
-
-    group_based: ClassVar[bool] = True
-    variant: Literal["rloo"] = "rloo"
-
-
-@_advantage
-class GreedyBaseline(AdvantageSpec):
-    """ReMax: R minus the reward of the greedy response to the same prompt."""
-
-    variant: Literal["greedy_baseline"] = "greedy_baseline"
-
-    def reads(self):
-        return {**super().reads(), "baseline_rewards": "seq"}
-
-
-@_advantage
-class RewardToGo(AdvantageSpec):
-    """REINFORCE++: discounted reward-to-go of the token rewards, globally whitened."""
-
-    variant: Literal["reward_to_go"] = "reward_to_go"
-    gamma: float = Field(1.0, ge=0, le=1)
-    whiten: bool = True
-
-
-def Advantage(variant: str, **params: Any) -> AdvantageSpec:
-    """``Advantage("group_norm")``: the advantage node of the named variant."""
-    return ADVANTAGE_VARIANTS[variant](**params)
-
-
-# --- Loss: one spec class per variant -------------------------------------------------------
-
-LOSS_VARIANTS: Registry[type["LossSpec"]] = Registry("loss variant")
-
-
-class LossSpec(Node):
-    """A loss term on a trainable model; terms on the same model are summed.
-
-    ``agg`` is the aggregation mode of ALGORITHMS.md §0.4, taken over the whole
-    mini-batch (Part A §3). ``agg_constant`` is C of ``seq-mean-token-sum-norm``
-    (default: the Generate node's ``max_new_tokens``).
-    """
+@node_kind
+class LossSpec(_VariantNode, ModelNode):
+    """A loss term on a trainable model (variants in ``nodes/loss.py``); terms on the same
+    model are summed, each weighted by ``coef``."""
 
     kind: ClassVar[str] = "loss"
     stage: ClassVar[Literal["experience", "update"]] = "update"
-    needs: ClassVar[str] = "logprobs"
-    variant: str
     model: str = "actor"
     coef: float = Field(1.0, description="weight of this term in the model's summed loss")
     mask: str = Field("response_mask", description="token mask of the loss (e.g. 'loss_mask' from Filter('overlong'))")
+    temperature: Optional[float] = Field(None, gt=0, description=_FROM_GENERATE.format("temperature") + "; 1 without one")
+    agg_constant: Optional[float] = Field(None, gt=0, description="C of agg='seq-mean-token-sum-norm'; "
+                                          + _FROM_GENERATE.format("max_new_tokens"))
 
     def reads(self):
-        return {**_PROMPT, **_RESPONSE, self.mask: "token"}
+        return {**_PROMPT, **_RESPONSE, self.mask: "token", **super().reads()}
 
-    def model_refs(self):
-        return {"model": self.model}
+    @property
+    def needs(self) -> str:
+        return self.declared.needs
 
-    def fn_params(self) -> dict[str, Any]:
-        """Keyword arguments of the variant's loss function."""
-        return self.model_dump(exclude={"name", "variant", "model", "coef", "mask"})
-
-
-def _loss(cls):
-    LOSS_VARIANTS.register(cls.model_fields["variant"].default)(cls)
-    return cls
-
-
-class _PolicyLoss(LossSpec):
-    dual_clip: Optional[float] = Field(None, gt=1)
-    kl_coef: float = Field(0.0, ge=0)
-    kl: KlEstimator = "k3"
-    agg: AggMode = "token-mean"
-    agg_constant: Optional[float] = Field(None, gt=0)
-
-    def reads(self):
-        out = {**super().reads(), "old_logprobs": "token", "advantages": "token"}
-        if self.kl_coef > 0:
-            out["ref_logprobs"] = "token"
+    def resolve(self, gen):
+        out: dict[str, Any] = {}
+        if self.temperature is None and self.needs == "logprobs":
+            out["temperature"] = gen.temperature if gen else 1.0
+        if getattr(self, "agg", None) == "seq-mean-token-sum-norm" and self.agg_constant is None and gen is not None:
+            out["agg_constant"] = float(gen.max_new_tokens)
         return out
 
-    def fn_params(self):
-        return {k: v for k, v in super().fn_params().items() if k != "agg_constant"}
 
-
-@_loss
-class Clip(_PolicyLoss):
-    """PPO clipped surrogate, symmetric ε (§0.2), optional dual-clip and KL in the loss."""
-
-    variant: Literal["clip"] = "clip"
-    eps: float = Field(0.2, gt=0)
-
-
-@_loss
-class ClipHigher(_PolicyLoss):
-    """DAPO clip-higher: ε_low / ε_high (§7.2)."""
-
-    variant: Literal["clip_higher"] = "clip_higher"
-    eps_low: float = Field(0.2, gt=0)
-    eps_high: float = Field(0.28, gt=0)
-
-
-@_loss
-class ValueLoss(LossSpec):
-    """Clipped value loss (§1.4) for a critic."""
-
-    needs: ClassVar[str] = "values"
-    variant: Literal["value"] = "value"
-    model: str = "critic"
-    eps_v: float = Field(0.5, gt=0)
-    agg: AggMode = "token-mean"
-
-    def reads(self):
-        return {**super().reads(), "values": "token", "returns": "token"}
-
-
-@_loss
-class Nll(LossSpec):
-    """Next-token NLL on the response tokens (SFT; VAPO's positive-example LM loss with where='correct')."""
-
-    variant: Literal["nll"] = "nll"
-    agg: AggMode = "token-mean"
-    where: Literal["all", "correct"] = "all"
-
-    def reads(self):
-        return {**super().reads(), **({"rewards": "seq"} if self.where == "correct" else {})}
-
-
-@_loss
-class Dpo(LossSpec):
-    """DPO sigmoid loss on summed log-probs (label smoothing = cDPO; ipo=True for IPO)."""
-
-    variant: Literal["dpo"] = "dpo"
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    ipo: bool = False
-
-    def reads(self):
-        return {**super().reads(), "ref_logprobs": "token", "group": "seq", "chosen": "seq"}
-
-
-@_loss
-class BradleyTerry(LossSpec):
-    """Pairwise reward-model loss -log σ(s_chosen - s_rejected)."""
-
-    needs: ClassVar[str] = "scores"
-    variant: Literal["bradley_terry"] = "bradley_terry"
-    model: str = "rm"
-
-    def reads(self):
-        return {**super().reads(), "group": "seq", "chosen": "seq"}
-
-
-def Loss(variant: str, **params: Any) -> LossSpec:
-    """``Loss("clip", model="actor", eps=0.2)``: the loss node of the named variant."""
-    return LOSS_VARIANTS[variant](**params)
-
-
-# --- Filter: one spec class per variant -------------------------------------------------------
-
-FILTER_VARIANTS: Registry[type["FilterSpec"]] = Registry("filter variant")
-
-
-class FilterSpec(Node):
-    """A filter. ``drops_rows`` filters remove rows: every experience node that does not
-    feed such a filter runs after it, on the kept rows only."""
+@node_kind
+class FilterSpec(_VariantNode):
+    """A filter (variants in ``nodes/filter.py``). A filter that drops rows makes every
+    experience node that does not feed it run after it, on the kept rows only."""
 
     kind: ClassVar[str] = "filter"
-    drops_rows: ClassVar[bool] = True
-    variant: str
+
+    @property
+    def drops_rows(self) -> bool:
+        return self.declared.drops_rows
 
 
-def _filter(cls):
-    FILTER_VARIANTS.register(cls.model_fields["variant"].default)(cls)
-    return cls
+ADVANTAGES = AdvantageSpec.variants = VariantKind("advantage", AdvantageSpec, group_based=False)
+def _response_mask(cols, params):
+    return cols["response_mask"]
 
 
-@_filter
-class DynamicSampling(FilterSpec):
-    """DAPO dynamic sampling (§7.2): keep a group iff the spread (population std) of its
-    ``metric`` exceeds ``tolerance``; the engine re-runs the nodes upstream on fresh
-    prompts until ``target_groups`` groups are kept (default: the data batch size), at
-    most ``max_rounds`` rounds, then truncates to the target. Running out of rounds is an
-    error that names the counts, or with ``allow_short=True`` a short batch that is logged.
-    """
-
-    variant: Literal["dynamic"] = "dynamic"
-    metric: str = "rewards"
-    tolerance: float = Field(1e-6, ge=0)
-    target_groups: Optional[int] = Field(None, ge=1)
-    max_rounds: int = Field(10, ge=1)
-    allow_short: bool = False
-
-    def reads(self):
-        return {self.metric: "seq", "group": "seq"}
+LOSSES = LossSpec.variants = VariantKind("loss", LossSpec, mask=_response_mask)
+FILTERS = FilterSpec.variants = VariantKind("filter", FilterSpec, group_based=False, drops_rows=True, refills=False)
+advantage_variant = ADVANTAGES.declare
+loss_variant = LOSSES.declare
+filter_variant = FILTERS.declare
 
 
-@_filter
-class Overlong(FilterSpec):
-    """Overlong filtering (DAPO §3.4, TRL ``mask_truncated_completions``): truncated
-    responses keep their rows (and their place in group statistics) but are masked out of
-    the loss: writes ``loss_mask`` = response_mask with truncated rows zeroed. Point a
-    Loss at it with ``Loss(..., mask="loss_mask")``."""
-
-    drops_rows: ClassVar[bool] = False
-    variant: Literal["overlong"] = "overlong"
-
-    def reads(self):
-        return {"response_mask": "token", "truncated": "seq"}
-
-    def writes(self):
-        return {"loss_mask": "token"}
+def Advantage(variant: str, /, **params: Any) -> AdvantageSpec:
+    """``Advantage("group_norm")``: the advantage node of the named variant."""
+    return ADVANTAGES.make(variant, **params)
 
 
-@_filter
-class BestWorstPairs(FilterSpec):
-    """Online DPO pairing (§9.2): per group keep the best- and the worst-scored response as
-    a chosen/rejected pair; groups whose best and worst scores tie are dropped and counted."""
-
-    variant: Literal["pairs"] = "pairs"
-
-    def reads(self):
-        return {"rewards": "seq", "group": "seq"}
-
-    def writes(self):
-        return {"chosen": "seq"}
+def Loss(variant: str, /, **params: Any) -> LossSpec:
+    """``Loss("clip", model="actor", eps=0.2)``: the loss node of the named variant."""
+    return LOSSES.make(variant, **params)
 
 
-def Filter(variant: str, **params: Any) -> FilterSpec:
+def Filter(variant: str, /, **params: Any) -> FilterSpec:
     """``Filter("dynamic")``: the filter node of the named variant."""
-    return FILTER_VARIANTS[variant](**params)
+    return FILTERS.make(variant, **params)
 
 
 # --- the pipeline ------------------------------------------------------------------------------
 
 
 class Eval(Spec):
-    """Held-out evaluation: greedy accuracy of the trained policy under the Score rules."""
+    """Held-out evaluation: greedy accuracy of the trained policy under ``rule``."""
 
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     size: int = Field(500, ge=1, description="held-out rows (the built-in task has 500)")
-    max_new_tokens: Optional[int] = Field(None, ge=1, description="default: the Generate node's")
+    max_new_tokens: Optional[int] = Field(None, ge=1, description=_FROM_GENERATE.format("max_new_tokens"))
+    rule: Optional[RuleFn] = Field(None, description="a response counts as correct when rule(response, row) > 0.5; "
+                                   "default: the Score node's first rule")
     pairs: Optional[str] = Field(None, description="held-out preference pairs (builtin:arith or a jsonl) for the "
                                  "preference accuracy, when the training data are not pairs")
 
@@ -660,11 +531,11 @@ class Pipeline(Spec):
     description: str = ""
     data: DataSpec
     models: dict[str, Model]
-    nodes: list[Node]
+    nodes: list[AnyNode]
     steps: int = Field(100, ge=1)
     ppo_epochs: int = Field(1, ge=1)
     mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch; the batch is split into this many")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     eval: Optional[Eval] = Field(default_factory=Eval)
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final model)")
     phases: list[Phase] = Field(default_factory=list)
@@ -690,14 +561,13 @@ class Pipeline(Spec):
         for n in self.nodes:
             if n.name == name:
                 return n
-        known = [n.name for n in self.nodes]
-        from rlflow.registry import UnknownName
-
-        raise UnknownName("node", name, known)
+        raise UnknownName("node", name, [n.name for n in self.nodes])
 
     def to_config(self) -> dict[str, Any]:
-        """The resolved pipeline as JSON-able data (for config.json)."""
-        out = self.model_dump(mode="json", exclude={"nodes", "data"})
-        out["data"] = {"kind": self.data.kind, **self.data.model_dump(mode="json")}
-        out["nodes"] = [{"kind": n.kind, **n.model_dump(mode="json")} for n in self.nodes]
-        return out
+        """The pipeline as JSON-able data (config.json); :meth:`from_config` reads it back."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Pipeline":
+        return cls.model_validate(config)
+

@@ -20,16 +20,6 @@ from rich.tree import Tree
 
 from rlflow.graph import DATA, PipelineGraph, Problem
 
-# parameters worth showing in the graph, per node kind (the rest are in `rlflow graph --all`)
-_KEY_PARAMS = {
-    "generate": ("n", "max_new_tokens", "temperature", "top_p", "greedy_baseline"),
-    "score": ("rules", "model", "overlong_buffer"),
-    "advantage": ("gamma", "lam", "lambda_critic", "length_alpha", "eps", "whiten", "kl_coef"),
-    "loss": ("eps", "eps_low", "eps_high", "dual_clip", "eps_v", "beta", "kl_coef", "kl", "agg", "where", "coef"),
-    "filter": ("metric", "target_groups", "max_rounds"),
-}
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, dict):
         return "{" + ", ".join(v) + "}"
@@ -39,21 +29,30 @@ def _fmt(v: Any) -> str:
 
 
 def node_label(node) -> str:
-    kind = node.kind + (f":{node.variant}" if hasattr(node, "variant") else "")
     model = getattr(node, "model", None)
-    return f"{node.name} [{kind}]" + (f" @{model}" if model else "")
+    return f"{node.name} [{node.label()}]" + (f" @{model}" if model else "")
+
+
+def _shown_keys(node) -> list[str]:
+    """A variant node shows its variant's own settings (read off its declaration) and its
+    ``coef``; any other node its fields. ``rlflow graph --all`` shows every field."""
+    declared = getattr(node, "declared", None)
+    if declared is not None:
+        return list(declared.params) + ["kl", "coef", "mask"]
+    return list(node.params())
 
 
 def node_params(node, everything: bool = False) -> str:
     params = node.params()
-    keys = params if everything else [k for k in _KEY_PARAMS.get(node.kind, ()) if k in params]
+    keys = list(params) if everything else [k for k in dict.fromkeys(_shown_keys(node)) if k in params]
     shown = []
     for k in keys:
         v = params[k]
-        if v is None or v is False or (k == "kl_coef" and v == 0) or (k == "coef" and v == 1.0) or (k == "rules" and not v):
+        if k in ("variant", "model") or v is None or v is False or (isinstance(v, dict) and not v):
             continue
-        if k in ("variant", "model"):
-            continue
+        if not everything and ((k == "coef" and v == 1.0) or (k == "kl_coef" and v == 0) or v == "response_mask"
+                               or (k == "kl" and params.get("kl_coef", 1) == 0)):
+            continue  # a KL estimator with no KL penalty is not in effect
         shown.append(f"{k}={_fmt(v)}")
     return " ".join(shown)
 
@@ -84,7 +83,7 @@ def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
                     t.add(Text(f"← data: {', '.join(d['columns'])}", style="dim"))
                 else:
                     t.add(Text(f"← {src}: {', '.join(d['columns'])}", style="dim"))
-            if node.kind == "filter" and getattr(node, "variant", "") == "dynamic":
+            if getattr(node, "declared", None) and node.declared.facts.get("refills"):
                 up = sorted(pg.upstream(name))
                 target = node.target_groups or p.data.batch_size
                 t.add(Text(f"↺ refills: re-runs {', '.join(up)} on fresh prompts until {target} groups are kept "

@@ -31,8 +31,8 @@ from rlflow.nodes.masked import masked_whiten
 from rlflow.registry import UnknownName
 
 F64 = torch.float64
-GROUP_VARIANTS = ["group_norm", "group_center", "rloo"]
-ALL_VARIANTS = ["gae", "reward_to_go", "group_norm", "group_center", "rloo", "greedy_baseline"]
+ALL_VARIANTS = ADVANTAGES.names()  # the registry is the only list of names
+GROUP_VARIANTS = [n for n in ALL_VARIANTS if ADVANTAGES[n].group_based]
 
 
 def t64(x):
@@ -56,13 +56,14 @@ def full_inputs(rewards, lengths, T, group=None, **kw):
 # Registry and contract
 
 
-def test_registry_names_needs_and_group_flags():
-    assert ADVANTAGES.names() == sorted(ALL_VARIANTS)
-    assert ADVANTAGES["gae"].needs == frozenset({"values"})
-    assert ADVANTAGES["greedy_baseline"].needs == frozenset({"baseline_rewards"})
-    for name in ["reward_to_go", *GROUP_VARIANTS]:
-        assert ADVANTAGES[name].needs == frozenset()
-    assert {n for n in ALL_VARIANTS if ADVANTAGES[n].group_based} == set(GROUP_VARIANTS)
+def test_declared_reads_writes_and_group_flags():
+    from rlflow.spec import Advantage
+
+    extra = {n: set(ADVANTAGES[n].reads(Advantage(n))) for n in ALL_VARIANTS}
+    assert extra == {"gae": {"values"}, "greedy_baseline": {"baseline_rewards"}, "reward_to_go": set(),
+                     "group_norm": set(), "group_center": set(), "rloo": set()}
+    assert set(Advantage("gae").writes()) == {"advantages", "returns"}
+    assert set(GROUP_VARIANTS) == {"group_norm", "group_center", "rloo"}
 
 
 def test_unknown_variant_suggests_closest():

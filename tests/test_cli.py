@@ -58,10 +58,13 @@ def test_graph_shows_refill_loop_and_phases(capsys):
 def test_compare_grpo_and_dr_grpo_shows_exactly_the_differences(capsys):
     assert main(["compare", str(PIPES / "grpo.py"), str(PIPES / "dr_grpo.py")]) == 0
     text = capsys.readouterr().out
-    assert "advantage:group_norm" in text and "advantage:group_center" in text
-    assert "seq-mean-token-mean" in text and "seq-mean-token-sum-norm" in text
-    assert "models.ref" in text and "ref_logprob" in text
-    assert "generate.n" not in text  # identical settings are not shown
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in text.splitlines()
+            if line.startswith("│")}
+    assert rows["nodes.advantage.variant"] == ["group_norm", "group_center"]
+    assert rows["nodes.loss.agg"] == ["seq-mean-token-mean", "seq-mean-token-sum-norm"]
+    assert rows["nodes.loss.agg_constant"] == ["null", "4"]  # resolved from generate.max_new_tokens
+    assert rows["models.ref"] == ["builtin:tiny-arith (frozen)", "—"] and rows["nodes.ref_logprob"] == ["ref_logprob", "—"]
+    assert not any(k.startswith("nodes.generate") for k in rows)  # identical settings are not shown
 
 
 def test_list_names_every_pipeline(capsys):

@@ -237,7 +237,7 @@ def test_reward_model_trained_then_used_by_path_in_ppo(reward_from, tmp_path):
     run = run_of(ppo, tmp_path, "ppo")
     batch, _, metrics = run.experience()
     assert "reward/model" in metrics and batch["rewards"].abs().sum() > 0
-    run.update(batch, {})
+    run.update(batch)
 
 
 def test_recomputed_old_logprobs_match_the_sampling_pass(tmp_path):
@@ -278,7 +278,7 @@ def test_overlong_filter_masks_truncated_rows_out_of_the_loss(tmp_path):
     assert batch["loss_mask"][trunc].sum() == 0
     torch.testing.assert_close(batch["loss_mask"][~trunc], batch["response_mask"][~trunc])
     assert metrics["filter/truncated_masked"] == pytest.approx(float(trunc.float().mean()))
-    run.update(batch, {})  # runs with the filtered mask
+    run.update(batch)  # runs with the filtered mask
 
 
 def test_dropout_is_disabled_on_placed_models(tmp_path):

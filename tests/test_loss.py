@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
-from rlflow.nodes.loss import LOSSES, LossTerm, LossVariant
+from rlflow.nodes.loss import LOSSES, LossTerm
+from rlflow.spec import Loss
+from rlflow.variants import Variant
 from rlflow.nodes.masked import AGG_MODES, Counts, count
 
 F64 = torch.float64
@@ -48,7 +50,7 @@ def test_registry_names_and_needs():
         "value": "values",
         "bradley_terry": "scores",
     }
-    assert all(isinstance(LOSSES[n], LossVariant) for n in LOSSES)
+    assert all(isinstance(LOSSES[n], Variant) for n in LOSSES)
 
 
 class Recording(dict):
@@ -79,7 +81,9 @@ READS = [
 @pytest.mark.parametrize("name,params,expected", READS)
 def test_reads_is_exactly_what_the_variant_reads(name, params, expected):
     v = LOSSES[name]
-    assert v.reads(params) == expected
+    spec = Loss(name, **params)
+    assert set(v.reads(spec)) == expected - {"response_mask"}  # the kind itself reads the mask
+    assert expected <= set(spec.reads())  # the node declares (as graph edges) all the maths reads
     full = random_batch(0, pairs=True)
     out = OUTPUT[v.needs]
     # the engine may pass only the declared columns plus the model output: that must suffice
@@ -334,17 +338,29 @@ def test_value_explained_variance_and_masking():
 
 def test_nll_correct_rows_only():
     # correct rows (rewards > 0): 0 and 2, tokens lp = -1, -2, -5, N = 3
-    # loss = -0.1·(-8/3) = 0.26667; d/dlp = -0.1/3 on those tokens, 0 elsewhere
+    # loss = -(-8/3) = 2.66667; d/dlp = -1/3 on those tokens, 0 elsewhere
     lp = t([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]]).requires_grad_()
     cols = {"logprobs": lp, "response_mask": t([[1, 1], [1, 1], [1, 0]]), "rewards": t([1.0, -1.0, 0.5])}
-    params = {"where": "correct", "coef": 0.1}
+    params = {"where": "correct"}
     assert count(LOSSES["nll"].mask(cols, params)).tokens == 3.0
     term = run("nll", cols, params)
+    assert term.loss.item() == pytest.approx(8 / 3, abs=1e-12)
+    assert term.metrics["loss/nll"] == pytest.approx(8 / 3, abs=1e-12)
+    assert torch.allclose(grad(term.loss, lp), t([[1, 1], [0, 0], [1, 0]]) * (-1 / 3), atol=1e-12)
+    # where="all": all five valid tokens, (1+2+3+4+5)/5 = 3
+    assert run("nll", cols, {}).loss.item() == pytest.approx(3.0, abs=1e-12)
+
+
+def test_the_node_coef_weights_the_term():
+    # VAPO's μ is the Loss node's coef: the runner scales the variant's loss by it (0.1 · 8/3)
+    from rlflow.nodes.loss import LossRunner
+
+    lp = t([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]]).requires_grad_()
+    cols = {"logprobs": lp, "response_mask": t([[1, 1], [1, 1], [1, 0]]), "rewards": t([1.0, -1.0, 0.5])}
+    r = LossRunner(Loss("nll", where="correct", coef=0.1))
+    term = r.term(cols, count(LOSSES["nll"].mask(cols, r.params)))
     assert term.loss.item() == pytest.approx(0.8 / 3, abs=1e-12)
-    assert term.metrics["loss/nll"] == pytest.approx(0.8 / 3, abs=1e-12)
     assert torch.allclose(grad(term.loss, lp), t([[1, 1], [0, 0], [1, 0]]) * (-0.1 / 3), atol=1e-12)
-    # where="all": all five valid tokens, 0.1·(1+2+3+4+5)/5 = 0.3
-    assert run("nll", cols, {"coef": 0.1}).loss.item() == pytest.approx(0.3, abs=1e-12)
 
 
 def test_nll_no_correct_sample_is_zero():
@@ -578,7 +594,7 @@ INVARIANT = (
     + [("clip", {"agg": "seq-mean-token-mean", "kl_coef": 0.05, "kl": "k2"})]
     + [("value", {"agg": m}) for m in AGG_MODES]
     + [("nll", {"agg": m}) for m in AGG_MODES]
-    + [("nll", {"agg": m, "where": "correct", "coef": 0.1}) for m in AGG_MODES]
+    + [("nll", {"agg": m, "where": "correct"}) for m in AGG_MODES]
     + [("dpo", {}), ("dpo", {"label_smoothing": 0.2, "beta": 0.5}), ("dpo", {"ipo": True})]
     + [("bradley_terry", {})]
 )

@@ -1,46 +1,43 @@
-"""The spec layer agrees with the maths: every variant spec's fields are its function's
-keyword arguments, with the same defaults (one list of names, one set of defaults)."""
+"""The spec layer is read off the variant declarations: each variant's spec fields are its
+function's keyword-only parameters (same names, same defaults, same bounds) on top of its
+kind's base fields; the registry is the only list of names."""
 
 import inspect
 
 import pytest
+from pydantic import ValidationError
 
-from rlflow.nodes.advantage import ADVANTAGES
-from rlflow.nodes.loss import LOSSES
 from rlflow.registry import UnknownName
-from rlflow.spec import ADVANTAGE_VARIANTS, LOSS_VARIANTS, Advantage, Generate, Loss, Model, Score
+from rlflow.spec import ADVANTAGES, FILTERS, LOSSES, Advantage, Filter, Generate, Loss, Model, Score
+
+KINDS = {"advantage": (ADVANTAGES, Advantage), "loss": (LOSSES, Loss), "filter": (FILTERS, Filter)}
+ALL = [(kind, name) for kind, (reg, _) in KINDS.items() for name in reg.names()]
 
 
 def kwargs_of(fn):
     return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
-def test_advantage_registries_agree():
-    assert ADVANTAGE_VARIANTS.names() == ADVANTAGES.names()
+@pytest.mark.parametrize("kind,name", ALL, ids=[f"{k}:{n}" for k, n in ALL])
+def test_spec_fields_are_the_function_kwargs(kind, name):
+    registry, make = KINDS[kind]
+    v = registry[name]
+    node = make(name)
+    base = set(registry.base.model_fields)
+    own = {k: val for k, val in node.model_dump().items() if k not in base}
+    assert own == kwargs_of(v.fn)  # the variant's settings: its function's, with its defaults
+    assert node.variant == name and node.declared is v and type(node) is v.spec
 
 
-@pytest.mark.parametrize("name", ADVANTAGES.names())
-def test_advantage_spec_fields_are_the_function_kwargs(name):
-    spec = Advantage(name)
-    fields = spec.model_dump(exclude={"name", "variant", "kl"})
-    assert fields == kwargs_of(ADVANTAGES[name].fn)
-    assert spec.group_based == ADVANTAGES[name].group_based
-
-
-def test_loss_registries_agree():
-    assert LOSS_VARIANTS.names() == LOSSES.names()
-
-
-@pytest.mark.parametrize("name", LOSSES.names())
-def test_loss_spec_params_are_the_function_kwargs(name):
-    spec = Loss(name)
-    params = spec.fn_params()
-    fn_kwargs = kwargs_of(LOSSES[name].fn)
-    assert set(params) <= set(fn_kwargs)
-    assert {k: fn_kwargs[k] for k in params} == params
-    assert spec.needs == LOSSES[name].needs
-    # the spec declares (at least) every batch column the maths reads
-    assert LOSSES[name].reads(params) <= set(spec.reads())
+def test_bounds_come_from_the_annotations():
+    with pytest.raises(ValidationError, match="greater than 0"):
+        Loss("clip", eps=0)
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        Advantage("gae", lam=1.5)
+    with pytest.raises(ValidationError, match="finite"):
+        Loss("dpo", beta=float("inf"))
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        Loss("clip", epsilon=0.2)
 
 
 def test_unknown_variant_lists_known_names_and_closest():

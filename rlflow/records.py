@@ -1,0 +1,140 @@
+"""What a run writes as it goes: per-node timings, ``metrics.jsonl``, ``samples.jsonl``, the summary.
+
+One record per step: the step's wall seconds, rows, every node's timing (seconds, rows,
+tokens, tokens/s; a node that runs several times a step — refill rounds, mini-batches,
+epochs — adds up), and every metric the nodes returned. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+SAMPLES_PER_STEP = 4  # rows of each step written to samples.jsonl
+REWARD_WINDOW_MAX = 10  # reward/start and reward/end average at most this many steps ...
+REWARD_WINDOW_SHARE = 5  # ... and at most a fifth of the run
+
+
+@dataclass
+class NodeTime:
+    seconds: float = 0.0
+    rows: int = 0
+    tokens: int = 0
+
+    def add(self, seconds: float, rows: int, tokens: int) -> None:
+        self.seconds += seconds
+        self.rows += rows
+        self.tokens += tokens
+
+    def as_dict(self) -> dict[str, float]:
+        return {"seconds": round(self.seconds, 6), "rows": self.rows, "tokens": self.tokens,
+                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
+
+
+class Timings(dict):
+    """Node name -> :class:`NodeTime` for one step."""
+
+    def add(self, key: str, seconds: float, rows: int, tokens: int) -> None:
+        self.setdefault(key, NodeTime()).add(seconds, rows, tokens)
+
+
+def tokens(batch) -> int:
+    """Response tokens in a batch (0 when it has none)."""
+    return int(batch["response_mask"].sum().item()) if "response_mask" in batch else 0
+
+
+def step_record(step: int, batch, times: Timings, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
+    """The metrics.jsonl line of one step (lengths are of the rows trained on, after any filter)."""
+    rec: dict[str, Any] = {"step": step, "seconds": round(seconds, 4), "rows": len(batch)}
+    if "response_mask" in batch and len(batch):
+        rec["response_length/mean"] = float(batch["response_mask"].sum(-1).float().mean())
+    if "truncated" in batch and len(batch):
+        rec["truncated/frac"] = float(batch["truncated"].float().mean())
+    rec.update({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()})
+    rec["nodes"] = {k: t.as_dict() for k, t in times.items()}
+    return rec
+
+
+def sample_lines(step: int, batch, n: int = SAMPLES_PER_STEP) -> list[dict[str, Any]]:
+    """The first ``n`` rows of a batch as samples.jsonl lines."""
+    if "response" not in batch:
+        return []
+    out = []
+    for i in range(min(n, len(batch))):
+        s = {"step": step, "prompt": batch["prompt"][i], "response": batch["response"][i]}
+        if "answer" in batch:
+            s["answer"] = batch["answer"][i]
+        if "rewards" in batch:
+            s["reward"] = float(batch["rewards"][i])
+        out.append(s)
+    return out
+
+
+class Records:
+    """The run's history and its two append-only files (rank 0 only writes)."""
+
+    def __init__(self, out_dir: Path, writer: bool):
+        self.out_dir = out_dir
+        self.history: list[dict[str, Any]] = []
+        self.metrics_file = (out_dir / "metrics.jsonl").open("a") if writer else None
+        self.samples_file = (out_dir / "samples.jsonl").open("a") if writer else None
+
+    def write(self, record: dict[str, Any], batch) -> None:
+        self.history.append(record)
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        if self.samples_file:
+            for s in sample_lines(record["step"], batch):
+                self.samples_file.write(json.dumps(s) + "\n")
+            self.samples_file.flush()
+
+    def truncate(self, last_step: int) -> None:
+        """Keep the records up to ``last_step`` (resume), dropping any written after it."""
+        self.history = [r for r in _read_jsonl(self.out_dir / "metrics.jsonl") if r["step"] <= last_step]
+        if self.metrics_file is None:
+            return
+        samples = [s for s in _read_jsonl(self.out_dir / "samples.jsonl") if s["step"] <= last_step]
+        self.close()
+        (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        (self.out_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        self.metrics_file = (self.out_dir / "metrics.jsonl").open("a")
+        self.samples_file = (self.out_dir / "samples.jsonl").open("a")
+
+    def summary(self, name: str, before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
+        node_seconds: dict[str, list[float]] = {}
+        for rec in self.history:
+            for k, t in rec["nodes"].items():
+                node_seconds.setdefault(k, []).append(t["seconds"])
+        rewards = [r["reward/mean"] for r in self.history if "reward/mean" in r]
+        k = max(1, min(REWARD_WINDOW_MAX, len(rewards) // REWARD_WINDOW_SHARE))
+        return {
+            "pipeline": name,
+            "steps": len(self.history),
+            "seconds": round(seconds, 2),
+            "eval_before": before,
+            "eval_after": after,
+            "reward/start": sum(rewards[:k]) / k if rewards else None,
+            "reward/end": sum(rewards[-k:]) / k if rewards else None,
+            "nodes": {n: {"total_s": round(sum(v), 3), "mean_s": round(sum(v) / len(v), 4)} for n, v in node_seconds.items()},
+            "out_dir": str(self.out_dir),
+        }
+
+    def close(self) -> None:
+        for f in (self.metrics_file, self.samples_file):
+            if f:
+                f.close()
+        self.metrics_file = self.samples_file = None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def write_json(path: Path, data: Optional[dict[str, Any]]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
