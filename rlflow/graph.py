@@ -143,21 +143,32 @@ def resolve(pipeline: Pipeline) -> Pipeline:
 def build(pipeline: Pipeline) -> PipelineGraph:
     """Resolve ``pipeline``, build its graph and run every static check."""
     pipeline = resolve(pipeline)
-    g = nx.DiGraph()
-    pg = PipelineGraph(pipeline=pipeline, graph=g)
-    problems = pg.problems
-    g.add_node(DATA, kind=pipeline.data.kind, source=pipeline.data.source)
+    pg = PipelineGraph(pipeline=pipeline, graph=nx.DiGraph())
+    pg.graph.add_node(DATA, kind=pipeline.data.kind, source=pipeline.data.source)
+    _add_nodes(pipeline, pg)
+    _add_writers(pipeline, pg)
+    _add_read_edges(pipeline, pg)
+    _order_after_filters(pipeline, pg.graph)
+    _check_cycle(pg)
+    _check_models(pipeline, pg)
+    _check_groups(pipeline, pg)
+    _check_resolved(pipeline, pg)
+    _check_unused(pipeline, pg)
+    return pg
 
-    # names
+
+def _add_nodes(pipeline: Pipeline, pg: PipelineGraph) -> None:
     seen: set[str] = set()
     for n in pipeline.nodes:
         if n.name in seen:
-            problems.append(Problem("RF001", n.name, "name", "two nodes have this name", "unique names", n.name,
-                                    f"pass name='{n.name}_2' (or another) to one of them"))
+            pg.problems.append(Problem("RF001", n.name, "name", "two nodes have this name", "unique names", n.name,
+                                       f"pass name='{n.name}_2' (or another) to one of them"))
         seen.add(n.name)
-        g.add_node(n.name, kind=n.kind, stage=n.stage)
+        pg.graph.add_node(n.name, kind=n.kind, stage=n.stage)
 
-    # writers
+
+def _add_writers(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    """Who writes each column (the data source is the writer ``data``); one writer per column."""
     writes: dict[str, list[tuple[str, str]]] = {}
     for col, lvl in pipeline.data.writes().items():
         writes.setdefault(col, []).append((DATA, lvl))
@@ -168,22 +179,23 @@ def build(pipeline: Pipeline) -> PipelineGraph:
         pg.writer[col], pg.levels[col] = ws[0]
         if len(ws) > 1:
             names = [w for w, _ in ws]
-            problems.append(Problem("RF004", names[1], col, f"column {col!r} is written by {', '.join(names)}",
-                                    "one writer per column", ", ".join(names)))
+            pg.problems.append(Problem("RF004", names[1], col, f"column {col!r} is written by {', '.join(names)}",
+                                       "one writer per column", ", ".join(names)))
 
-    # edges from reads
-    read_cols: set[str] = set()
+
+def _add_read_edges(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    """An edge writer -> reader for every column read, labelled with the columns."""
+    g = pg.graph
     for n in pipeline.nodes:
         for col, lvl in n.reads().items():
-            read_cols.add(col)
             if col not in pg.writer:
-                problems.append(Problem("RF003", n.name, col, f"reads column {col!r} that no node writes",
-                                        f"a node writing {col!r}", "none", _did_you_mean(col, pg.writer)))
+                pg.problems.append(Problem("RF003", n.name, col, f"reads column {col!r} that no node writes",
+                                           f"a node writing {col!r}", "none", _did_you_mean(col, pg.writer)))
                 continue
             src = pg.writer[col]
             if pg.levels[col] != lvl:
-                problems.append(Problem("RF008", n.name, col, f"reads {col!r} at level {lvl!r} but {src!r} writes it at level {pg.levels[col]!r}",
-                                        lvl, pg.levels[col]))
+                pg.problems.append(Problem("RF008", n.name, col, f"reads {col!r} at level {lvl!r} but {src!r} writes it "
+                                           f"at level {pg.levels[col]!r}", lvl, pg.levels[col]))
             if src == n.name:
                 continue
             if g.has_edge(src, n.name):
@@ -191,7 +203,9 @@ def build(pipeline: Pipeline) -> PipelineGraph:
             else:
                 g.add_edge(src, n.name, columns=[col])
 
-    # a Filter runs before every experience node that does not feed it
+
+def _order_after_filters(pipeline: Pipeline, g: nx.DiGraph) -> None:
+    """A Filter that drops rows runs before every experience node that does not feed it."""
     for f in pipeline.nodes:
         if not getattr(f, "drops_rows", False) or f.name not in g:
             continue
@@ -200,28 +214,27 @@ def build(pipeline: Pipeline) -> PipelineGraph:
             if n.name != f.name and n.stage == "experience" and n.name not in feeds and not g.has_edge(f.name, n.name):
                 g.add_edge(f.name, n.name, columns=["(rows)"])
 
+
+def _check_cycle(pg: PipelineGraph) -> None:
+    g = pg.graph
     try:
         cycle = nx.find_cycle(g)
     except nx.NetworkXNoCycle:
-        cycle = None
-    if cycle:
-        path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
-        cols = sorted({c for u, v in cycle for c in g.edges[u, v].get("columns", [])})
-        problems.append(Problem("RF002", cycle[0][0], ",".join(cols), f"cycle: {path}", "a DAG", path))
+        return
+    path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+    cols = sorted({c for u, v in cycle for c in g.edges[u, v].get("columns", [])})
+    pg.problems.append(Problem("RF002", cycle[0][0], ",".join(cols), f"cycle: {path}", "a DAG", path))
 
-    _check_models(pipeline, pg)
-    _check_groups(pipeline, pg)
-    _check_resolved(pipeline, pg)
 
-    # unused outputs (warnings)
-    loss_reads = set().union(*(n.reads() for n in pipeline.nodes)) if pipeline.nodes else set()
+def _check_unused(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    """Columns written that nothing reads (warnings)."""
+    reads = set().union(*(n.reads() for n in pipeline.nodes)) if pipeline.nodes else set()
     for n in pipeline.nodes:
         for col in n.writes():
             if col.startswith("rewards_"):  # per-rule parts: there to be read when wanted
                 continue
-            if col not in loss_reads and col not in _ENGINE_READS and pg.writer.get(col) == n.name:
-                problems.append(Problem("RF010", n.name, col, f"writes {col!r} that no node reads", severity="warning"))
-    return pg
+            if col not in reads and col not in _ENGINE_READS and pg.writer.get(col) == n.name:
+                pg.problems.append(Problem("RF010", n.name, col, f"writes {col!r} that no node reads", severity="warning"))
 
 
 def _check_models(pipeline: Pipeline, pg: PipelineGraph) -> None:
