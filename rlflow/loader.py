@@ -10,6 +10,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from pydantic import ValidationError
@@ -42,6 +43,29 @@ def format_validation_error(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+PIPELINE_MODULE_PREFIX = "rlflow_pipeline_"
+
+
+def import_file(path: Path) -> ModuleType:
+    """Execute the Python file ``path`` as a new module and return it.
+
+    The module is named ``rlflow_pipeline_<hash of the path>`` and registered in
+    ``sys.modules`` first, so functions defined in the file can be found by name. The
+    file's directory is on ``sys.path`` while it runs, as for a script, so sibling
+    modules import. Whatever the file raises propagates unchanged.
+    """
+    name = f"{PIPELINE_MODULE_PREFIX}{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
+    return module
+
+
 def load_pipeline(file: str | Path) -> Pipeline:
     """Import ``file`` and return its ``pipeline`` (or its only Pipeline object)."""
     path = Path(file)
@@ -49,13 +73,11 @@ def load_pipeline(file: str | Path) -> Pipeline:
         raise UserError("RF100", f"{path}: no such pipeline file")
     if path.is_dir() or path.suffix != ".py":
         raise UserError("RF100", f"{path}: a pipeline file is a .py file")
-    name = f"rlflow_pipeline_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # so rules defined in the file can be found by name
-    sys.path.insert(0, str(path.parent.resolve()))  # as when running a script: siblings import
     try:
-        spec.loader.exec_module(module)
+        module = import_file(path)
+    except SystemExit as e:
+        raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: the pipeline file called sys.exit({e.code!r}) while "
+                                 "loading; a pipeline file declares a pipeline and must not exit") from e
     except SyntaxError as e:
         raise UserError("RF101", f"{path}:{e.lineno}: syntax error: {e.msg}") from e
     except ValidationError as e:
@@ -68,8 +90,6 @@ def load_pipeline(file: str | Path) -> Pipeline:
         raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: cannot import: {e}") from e
     except Exception as e:
         raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: {type(e).__name__} while loading the pipeline: {e}") from e
-    finally:
-        sys.path.remove(str(path.parent.resolve()))
     found = getattr(module, "pipeline", None)
     if not isinstance(found, Pipeline):
         objs = [v for v in vars(module).values() if isinstance(v, Pipeline)]
