@@ -162,3 +162,23 @@ def test_sys_exit_in_a_pipeline_file_is_a_load_error(tmp_path, capsys):
     assert main(["validate", str(f)]) == 2
     err = capsys.readouterr().err
     assert "RF105" in err and f"{f}:2" in err and "sys.exit(0)" in err
+
+
+def test_the_score_node_scores_in_worker_processes_and_closes_them():
+    import torch
+
+    from rlflow import Score
+    from rlflow.batch import Batch
+    from rlflow.node import Context
+    from rlflow.nodes.score import ScoreRunner
+
+    runner = ScoreRunner(Score(rules={"pid": worker_pid, "exact": (exact, 2.0)}))
+    batch = Batch({"response": TEXTS, "prompt": [r["prompt"] for r in ROWS], "answer": [r["answer"] for r in ROWS],
+                   "response_mask": torch.ones(4, 3), "truncated": torch.zeros(4, dtype=torch.bool)})
+    runner.run(batch, Context(workers={}, graph=None, generator=None))
+    assert os.getpid() not in batch["rewards_pid"].tolist()
+    assert batch["rewards_exact"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    torch.testing.assert_close(batch["rewards"], batch["rewards_pid"] + 2.0 * batch["rewards_exact"])
+    workers = list(runner._own_pool._workers)
+    runner.close()
+    assert workers and all(w.proc.poll() is not None for w in workers)
