@@ -3,9 +3,10 @@
 R_i = Σ_k w_k · rule_k(response_i, row_i)  [+ reward model score]  [+ overlong penalty]
 
 Each rule is a plain Python callable ``fn(response_text, row) -> float`` where ``row``
-holds the row's text fields (``prompt``, ``answer``, ...). A rule that raises, returns
-something that is not a finite number, or runs past ``RULE_TIMEOUT_S`` stops the run
-with an error that shows the sample: nothing is silently turned into a zero.
+holds the row's text fields (``prompt``, ``answer``, ...). Rules run in worker processes
+(``rlflow.rules.RulePool``). A rule that raises, returns something that is not a finite
+number, runs past ``RULE_TIMEOUT_S``, exits or crashes its worker stops the run with a
+``RewardRuleError`` that shows the sample: nothing is silently turned into a zero.
 
 The soft overlong punishment of DAPO (§7.2), with L_max = the node's ``max_new_tokens``
 (resolved from the Generate node when the graph is built) and L_cache = ``overlong_buffer``:
@@ -16,55 +17,20 @@ multiplied by ``overlong_penalty`` and added to R.
 
 from __future__ import annotations
 
-import math
-import signal
-import threading
-from contextlib import contextmanager
-
 from rlflow.lazy import torch
 from rlflow.node import Context, NodeRunner, runner
+from rlflow.rules import RewardRuleError, RulePool, score_in_process
 
-RULE_TIMEOUT_S = 10.0
+__all__ = ["RULE_TIMEOUT_S", "RewardRuleError", "ScoreRunner", "apply_rule", "overlong_penalty"]
 
-
-class RewardRuleError(RuntimeError):
-    """A rule that failed on a sample; the message shows the sample."""
-
-
-@contextmanager
-def _time_limit(seconds: float):
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield  # signals only work in the main thread; elsewhere no limit
-        return
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"took longer than {seconds:g}s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+RULE_TIMEOUT_S = 10.0  # per call of a rule on one sample; read at each call
 
 
 def apply_rule(name: str, fn, responses: list[str], rows: list[dict], timeout: float | None = None) -> torch.Tensor:
-    """``fn`` on every (response, row); [B] float. Raises RewardRuleError with the sample."""
+    """``fn`` on every (response, row) in this process; [B] float. Raises RewardRuleError
+    with the sample. For tests and debugging: a run scores in a ``RulePool``."""
     timeout = RULE_TIMEOUT_S if timeout is None else timeout
-    out = []
-    for resp, row in zip(responses, rows):
-        try:
-            with _time_limit(timeout):
-                v = fn(resp, row)
-        except TimeoutError as e:
-            raise RewardRuleError(f"reward rule {name!r} hung ({e}) on response {resp!r} for row {row}") from None
-        except Exception as e:  # the user's code: report what it failed on
-            raise RewardRuleError(f"reward rule {name!r} raised {type(e).__name__}: {e} on response {resp!r} for row {row}") from e
-        if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-            raise RewardRuleError(f"reward rule {name!r} returned {v!r} (not a finite number) on response {resp!r} for row {row}")
-        out.append(float(v))
-    return torch.tensor(out, dtype=torch.float32)
+    return torch.tensor(score_in_process(name, fn, responses, rows, timeout), dtype=torch.float32)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
@@ -77,15 +43,35 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: f
 
 @runner("score")
 class ScoreRunner(NodeRunner):
+    """Scores in the run's rule pool, ``ctx.rule_pool`` when the engine provides one;
+    otherwise in a pool of its own, started on first use and stopped by ``close()``."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._own_pool: RulePool | None = None
+
+    def _pool(self, ctx: Context) -> RulePool:
+        pool = ctx.rule_pool
+        if pool is None:
+            pool = self._own_pool = self._own_pool or RulePool(timeout_s=RULE_TIMEOUT_S)
+        return pool
+
+    def close(self) -> None:
+        """Stop this runner's own rule workers, if it started any."""
+        if self._own_pool is not None:
+            self._own_pool.close()
+            self._own_pool = None
+
     def _score(self, batch, ctx: Context, texts: list[str], ids_col: str, mask_col: str, metrics: dict, prefix: str,
                parts: bool = False) -> torch.Tensor:
-        s = self.spec
         from rlflow.batch import iter_rows
 
+        s = self.spec
         rows = list(iter_rows(batch, ("prompt", "answer")))
         total = torch.zeros(len(batch))
         for name, rule in s.rules.items():
-            part = apply_rule(name, rule.fn, texts, rows)
+            scores = self._pool(ctx).score(name, rule.fn, texts, rows, timeout_s=RULE_TIMEOUT_S)
+            part = torch.tensor(scores, dtype=torch.float32)
             metrics[f"{prefix}/{name}"] = float(part.mean())
             if parts:
                 batch[f"rewards_{name}"] = part
@@ -105,7 +91,7 @@ class ScoreRunner(NodeRunner):
             total += pen
         return total
 
-    def run(self, batch: Batch, ctx: Context):
+    def run(self, batch, ctx: Context):
         metrics: dict[str, float] = {}
         batch["rewards"] = self._score(batch, ctx, batch["response"], "response_ids", "response_mask", metrics, "reward", parts=True)
         metrics["reward/mean"] = float(batch["rewards"].mean())  # every sample scored, before any filter

@@ -104,10 +104,21 @@ class Run:
         self.tokenizer = (self.workers[self.policy] if self.policy else next(iter(self.workers.values()))).tokenizer
         self.data = DataStream(p.data, self.tokenizer, seed=p.seed, rank=dist.rank(), world=dist.world_size())
         self.runners = {n.name: RUNNERS[n.kind](n) for n in p.nodes}
-        self.ctx = Context(workers=self.workers, generator=self.generator)
+        self.ctx = Context(workers=self.workers, generator=self.generator, rule_pool=self._rule_pool())
         self.records = Records(self.out_dir, writer=dist.rank() == 0)
         self.evaluator = Evaluator(p, self.workers, self.policy, self.tokenizer)
         self.observer.start(self)
+
+    def _rule_pool(self):
+        """The run's pool of reward-rule workers, when a Score node has rules (started now, so
+        its workers start while the first batch is generated)."""
+        if not any(getattr(n, "rules", None) for n in self.pipeline.nodes):
+            return None
+        from rlflow.rules import RulePool
+
+        pool = RulePool()
+        pool.start()
+        return pool
 
     def _place_models(self) -> None:
         tokenizers: dict[str, Any] = {}
@@ -341,3 +352,6 @@ class Run:
     def close(self) -> None:
         if self.records:
             self.records.close()
+        pool = getattr(getattr(self, "ctx", None), "rule_pool", None)
+        if pool is not None:
+            pool.close()

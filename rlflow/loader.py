@@ -64,8 +64,8 @@ def load_pipeline(file: str | Path) -> Pipeline:
     except ImportError as e:
         raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: cannot import: {e}") from e
     except SystemExit as e:
-        raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: the pipeline file called sys.exit({e.code!r}) "
-                        "while loading; a pipeline file only declares") from None
+        raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: the pipeline file called sys.exit({e.code!r}) while "
+                        "loading; a pipeline file declares a pipeline and must not exit") from None
     except Exception as e:
         raise UserError("RF105", f"{_line_in(path, e.__traceback__)}: {type(e).__name__} while loading the pipeline: {e}") from e
     found = getattr(module, "pipeline", None)

@@ -22,6 +22,7 @@ class Context:
     workers: dict[str, Any]  # model name -> rlflow.models.Worker
     generator: Any  # torch.Generator owned by the engine (saved in checkpoints)
     step: int = 0
+    rule_pool: Any = None  # rlflow.rules.RulePool of the run: reward rules run in its worker processes
 
 
 RUNNERS: Registry[type] = Registry("node runner")
