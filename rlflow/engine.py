@@ -26,11 +26,13 @@ from typing import Any, Optional
 
 import torch
 
+from rlflow import checkpoint as ckpt
 from rlflow import dist
 from rlflow.batch import Batch
+from rlflow.checkpoint import ResumeError  # noqa: F401  (re-exported: callers catch it from here)
 from rlflow.data import DataStream, load_rows
 from rlflow.graph import PipelineGraph
-from rlflow.models import Worker, atomic_dir, place
+from rlflow.models import Worker, place
 from rlflow.node import RUNNERS, Context
 from rlflow.spec import LossSpec, Pipeline
 
@@ -44,10 +46,6 @@ import rlflow.nodes.value  # noqa: F401
 
 class RefillError(RuntimeError):
     """Dynamic sampling ran out of rounds before keeping enough groups."""
-
-
-class ResumeError(Exception):
-    """A run directory that cannot be resumed (reported without a traceback)."""
 
 
 class Observer:
@@ -76,10 +74,6 @@ def _add_time(times: dict[str, NodeTime], key: str, seconds: float, rows: int, t
     dynamic-sampling refill rounds, mini-batches, epochs)."""
     prev = times.get(key) or NodeTime(0.0, 0, 0)
     times[key] = NodeTime(prev.seconds + seconds, prev.rows + rows, prev.tokens + tokens)
-
-
-def _state_file(rank: int) -> str:
-    return "state.pt" if rank == 0 else f"state.rank{rank}.pt"
 
 
 def _masked(cols: dict[str, Any], mask: str) -> dict[str, Any]:
@@ -422,46 +416,15 @@ class Run:
             self.observer.message(f"could not save a checkpoint after the failure: {e}")
 
     def checkpoint(self, step: int, rng: Optional[dict[str, Any]] = None) -> Path:
-        """checkpoints/step_N: weights, optimizer/DeepSpeed state, RNG and data position.
-
-        Written under a temporary name and renamed, so a kill never leaves a broken one.
-        """
-        final = self.out_dir / "checkpoints" / f"step_{step}"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        commit = None
-        if dist.rank() == 0:
-            tmp, commit = atomic_dir(final)
-        dist.barrier()
-        tmp = final.with_name(final.name + ".tmp")
-        for name, w in self.workers.items():
-            if w.trainable:
-                w.save_pretrained(tmp / name)
-                w.engine.save_checkpoint(str(tmp / name / "deepspeed"), tag="state")  # every rank its shard
-        state = {"step": step, **(rng or self._rng_state())}
-        torch.save(state, tmp / _state_file(dist.rank()))  # each rank its own random state
-        dist.barrier()  # every rank has written before the rename
-        if commit:
-            commit()
-        dist.barrier()
-        return final
+        """checkpoints/step_N: weights, optimizer/DeepSpeed state, RNG and data position."""
+        return ckpt.save(self.out_dir, step, self.workers, rng or self._rng_state())
 
     def resume(self, checkpoint: Optional[Path] = None) -> int:
-        """Continue from ``checkpoint`` (default: the latest in this run's directory):
+        """Continue from ``checkpoint`` (default: the latest intact one in this run's directory):
         weights, optimizer and scheduler state, RNG state and data position, so that the
         remaining steps are the ones the uninterrupted run would have taken."""
-        ckpts = self.out_dir / "checkpoints"
-        if checkpoint is None:
-            found = sorted(ckpts.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if ckpts.exists() else []
-            found = [c for c in found if (c / "state.pt").exists()]
-            if not found:
-                raise ResumeError(f"no complete checkpoint in {ckpts} to resume from")
-            checkpoint = found[-1]
-        for name, w in self.workers.items():
-            if w.trainable:
-                w.engine.load_checkpoint(str(checkpoint / name / "deepspeed"), tag="state")
-        if not (checkpoint / _state_file(dist.rank())).exists():
-            raise ResumeError(f"{checkpoint} has no state for rank {dist.rank()}: resume with the number of processes it was written by")
-        state = torch.load(checkpoint / _state_file(dist.rank()), weights_only=False)
+        checkpoint = checkpoint or ckpt.latest(self.out_dir, say=self.observer.message)
+        state = ckpt.load(checkpoint, self.workers)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
         self.data.load_state(state["data"])
@@ -487,18 +450,7 @@ class Run:
 
     def save_final(self) -> None:
         """final/: the policy as a directory ``from_pretrained`` loads; other trained models in final-<name>/."""
-        for name, w in self.workers.items():
-            if not w.trainable:
-                continue
-            target = self.out_dir / ("final" if name == self.policy or len(self._trained()) == 1 else f"final-{name}")
-            tmp, commit = atomic_dir(target) if dist.rank() == 0 else (target.with_name(target.name + ".tmp"), None)
-            w.save_pretrained(tmp)
-            dist.barrier()
-            if commit:
-                commit()
-
-    def _trained(self) -> list[str]:
-        return [n for n, w in self.workers.items() if w.trainable]
+        ckpt.save_final(self.out_dir, self.workers, self.policy)
 
     def _summary(self, before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
         node_seconds: dict[str, list[float]] = {}

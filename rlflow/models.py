@@ -13,7 +13,6 @@ and cached on first use). All three go through the same ``from_pretrained`` call
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -249,20 +248,3 @@ def place(name: str, spec: Model, *, on_build: Optional[Callable[[str], None]] =
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
     return Worker(name, spec, engine, engine.module, tokenizer, path)
 
-
-def atomic_dir(final: Path) -> tuple[Path, Callable[[], None]]:
-    """A temporary sibling of ``final`` and a function that renames it into place."""
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-
-    def commit() -> None:
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-
-    return tmp, commit
