@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from rlflow import checkpoint as ckpt
-from rlflow import dist
+from rlflow import dist, rundir
 from rlflow.batch import Batch
 from rlflow.checkpoint import ResumeError  # noqa: F401  (re-exported: callers catch it from here)
 from rlflow.data import DataStream, load_rows
@@ -97,6 +97,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0  # the last step done before this process started (resume)
     resumed_eval: dict[str, float] = field(default_factory=dict)
+    lock: Optional[rundir.Lock] = None  # the run directory's lock (taken in setup unless given)
     _eval_cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     # --- set-up ----------------------------------------------------------------------------
@@ -108,6 +109,8 @@ class Run:
         torch.manual_seed(p.seed)
         random.seed(p.seed)
         self.generator = torch.Generator().manual_seed(p.seed + 7919 * dist.rank())  # ranks sample differently
+        if dist.rank() == 0 and self.lock is None:
+            self.lock = rundir.lock(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if dist.rank() == 0:
             (self.out_dir / "config.json").write_text(json.dumps(p.to_config(), indent=2) + "\n")
@@ -136,6 +139,13 @@ class Run:
 
     # --- the loop --------------------------------------------------------------------------
     def train(self, steps: Optional[int] = None) -> dict[str, Any]:
+        try:
+            return self._train(steps)
+        except BaseException:
+            self.close()  # a failed run lets go of its files and of its directory's lock
+            raise
+
+    def _train(self, steps: Optional[int] = None) -> dict[str, Any]:
         steps = steps or self.pipeline.steps
         every = self.pipeline.eval.every if self.pipeline.eval else 0
         before = self.resumed_eval if self.start_step else self.evaluate(0)
@@ -476,3 +486,6 @@ class Run:
             if f:
                 f.close()
         self.metrics_file = self.samples_file = None
+        if self.lock:
+            self.lock.release()
+            self.lock = None

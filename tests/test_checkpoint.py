@@ -1,20 +1,30 @@
-"""Checkpoints: nothing lost, nothing let in.
+"""Checkpoints and run directories: nothing lost, nothing let in.
 
 Resume unpickles nothing (a planted pickle is refused and never runs), finds the newest
-intact checkpoint (leftovers ignored, damaged ones named and skipped), and no non-finite
-weight is ever written. On the tiny built-in model, few steps."""
+intact checkpoint (leftovers ignored, damaged ones named and skipped), a run directory is
+locked and never reused by accident, resume refuses other settings unless told, and no
+non-finite weight is ever written. On the tiny built-in model, few steps."""
 
 import builtins
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import clean_env
 from test_engine import grpo, run_of, weights
 
-from rlflow import checkpoint
+from rlflow import checkpoint, rundir
 from rlflow.checkpoint import NonFiniteWeightsError, ResumeError
+from rlflow.cli import main
 from rlflow.engine import Observer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "spmd_grpo.py"
+# the fixture pipeline, as these tests run it: one process, checkpoints every step
+CLI_SETTINGS = ["--quiet", "--steps", "2", "--set", "data.batch_size=4", "--set", "pipeline.save_every=1"]
 
 
 class Plant:
@@ -168,3 +178,87 @@ def test_no_checkpoint_and_no_final_model_from_non_finite_weights(tmp_path):
     out = tmp_path / "run"
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
     assert not list(out.glob("final*"))
+
+
+# --- run directories ------------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
+    first = run_of(grpo(), tmp_path)
+    with pytest.raises(rundir.RunDirError, match="in use by another run"):
+        run_of(grpo(), tmp_path)
+    # another process: refused too, with the holder's pid
+    r = subprocess.run([sys.executable, "-c", f"from rlflow.rundir import lock; lock({str(tmp_path / 'run')!r})"],
+                       env=clean_env(), capture_output=True, text=True)
+    assert r.returncode != 0 and "in use by another run" in r.stderr
+    assert main(["run", str(FIXTURE), "--out", str(tmp_path / "run"), *CLI_SETTINGS]) == 2
+    first.close()  # a finished run lets go
+    rundir.lock(tmp_path / "run").release()
+
+
+def test_an_existing_run_directory_needs_resume(tmp_path, capsys):
+    for marker in rundir.RUN_MARKERS:
+        out = tmp_path / marker
+        out.mkdir()
+        (out / marker).write_text("{}\n")
+        assert main(["run", str(FIXTURE), "--out", str(out), *CLI_SETTINGS]) == 2
+        assert "already holds a run" in capsys.readouterr().err
+        assert (out / marker).read_text() == "{}\n"  # untouched
+
+
+def test_default_run_names_never_collide(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260101-000000")  # the same second
+    names = [rundir.default_out("grpo", tmp_path) for _ in range(3)]
+    assert len(set(names)) == 3 and all(n.is_dir() for n in names)
+    assert names[0].name == "grpo-20260101-000000"
+
+
+def test_flatten_and_diff_name_the_settings():
+    a = {"steps": 3, "eval": None, "betas": [0.9, 0.999],
+         "nodes": [{"kind": "generate", "name": "generate", "n": 4}, {"kind": "loss", "name": "loss", "eps": 0.2}],
+         "phases": [{"steps": 10}]}
+    flat = rundir.flatten(a)
+    assert flat["nodes.loss.eps"] == "0.2" and flat["betas[1]"] == "0.999" and flat["phases[0].steps"] == "10"
+    assert flat["eval"] == "null"
+    b = json.loads(json.dumps(a))
+    b["nodes"][1]["eps"] = 0.3
+    b["nodes"][0]["top_k"] = 5
+    del b["eval"]
+    assert rundir.diff(a, b) == [("eval", "null", None), ("nodes.loss.eps", "0.2", "0.3"),
+                                 ("nodes.generate.top_k", None, "5")]
+    assert rundir.diff(a, a) == []
+    assert rundir.flatten({"xs": [], "d": {}}) == {"xs": "[]", "d": "{}"}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A run directory made by ``rlflow run``: 2 steps, checkpoints of both."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["run", str(FIXTURE), "--out", str(out), *CLI_SETTINGS]) == 0
+    return out
+
+
+def test_resume_with_other_settings_is_refused_unless_overridden(cli_run, tmp_path, capsys):
+    out = copy_of(cli_run, tmp_path)
+    before = (out / "config.json").read_text()
+    assert main(["run", str(FIXTURE), "--resume", str(out), *CLI_SETTINGS, "--set", "loss.eps=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "nodes.loss.eps: 0.2 -> 0.3" in err and "steps:" not in err and "--resume-override" in err
+    assert (out / "config.json").read_text() == before
+    more = [*CLI_SETTINGS, "--steps", "3", "--set", "loss.eps=0.3"]
+    assert main(["run", str(FIXTURE), "--resume", str(out), *more, "--resume-override"]) == 0
+    assert json.loads((out / "config.json").read_text())["nodes"][-1]["eps"] == 0.3
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_through_the_cli_refuses_a_planted_pickle(cli_run, tmp_path, capsys):
+    out = copy_of(cli_run, tmp_path)
+    marker = tmp_path / "marker"
+    for step in (1, 2):
+        ckpt = out / "checkpoints" / f"step_{step}"
+        plant(next((ckpt / "actor" / "deepspeed" / "state").glob("*.pt")), marker)
+        checkpoint.write_manifest(ckpt, step)
+    assert main(["run", str(FIXTURE), "--resume", str(out), *CLI_SETTINGS]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err and "model_states.pt" in err and "Traceback" not in err
+    assert not marker.exists()
