@@ -5,6 +5,7 @@ No torch import.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -49,7 +50,9 @@ def load_pipeline(file: str | Path) -> Pipeline:
         raise UserError("RF100", f"{path}: no such pipeline file")
     if path.is_dir() or path.suffix != ".py":
         raise UserError("RF100", f"{path}: a pipeline file is a .py file")
-    name = f"rlflow_pipeline_{abs(hash(str(path.resolve())))}"
+    # the same in every process (not the salted hash()): rules are recorded in config.json
+    # by module name, and resume compares that with the settings of the new process
+    name = f"rlflow_pipeline_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # so rules defined in the file can be found by name

@@ -230,6 +230,14 @@ def test_flatten_and_diff_name_the_settings():
     assert rundir.flatten({"xs": [], "d": {}}) == {"xs": "[]", "d": "{}"}
 
 
+def test_a_pipeline_file_records_the_same_settings_in_every_process():
+    # rules defined in the file are recorded by module name: it must not vary by process
+    code = f"import json; from rlflow.loader import load_pipeline; print(json.dumps(load_pipeline({str(FIXTURE)!r}).to_config()))"
+    configs = [json.loads(subprocess.run([sys.executable, "-c", code], env=clean_env(PYTHONHASHSEED=seed), check=True,
+                                         capture_output=True, text=True).stdout) for seed in ("1", "2")]
+    assert rundir.diff(*configs) == []
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """A run directory made by ``rlflow run``: 2 steps, checkpoints of both."""
