@@ -109,12 +109,13 @@ def atomic_dir(final: Path) -> tuple[Path, Callable[[], None]]:
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-        _fsync_dir(final.parent)
+        _fsync(final.parent)
 
     return tmp, commit
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a directory's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -165,7 +166,6 @@ def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             h.update(chunk)
-        os.fsync(f.fileno())  # the bytes hashed are the bytes on disk before the rename
     return h.hexdigest()
 
 
@@ -175,9 +175,12 @@ def _files(directory: Path) -> list[Path]:
 
 
 def write_manifest(directory: Path, step: int) -> Path:
-    """Write ``manifest.json`` listing every file under ``directory`` (path, size, sha256)."""
-    files = [{"path": p.relative_to(directory).as_posix(), "size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _files(directory)]
+    """Write ``manifest.json`` listing every file under ``directory`` (path, size, sha256),
+    each flushed to disk first, so that a manifest never describes bytes still in flight."""
+    files = []
+    for p in _files(directory):
+        _fsync(p)
+        files.append({"path": p.relative_to(directory).as_posix(), "size": p.stat().st_size, "sha256": _sha256(p)})
     body = {"format": MANIFEST_FORMAT, "step": step, "world_size": dist.world_size(), "files": files}
     path = directory / MANIFEST
     with path.open("w") as f:

@@ -53,7 +53,10 @@ class Lock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit the modules may be gone; the OS lets go anyway
+            pass
 
 
 def lock(out_dir: Path) -> Lock:
