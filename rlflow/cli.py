@@ -12,7 +12,6 @@ import ast
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -192,8 +191,10 @@ def cmd_run(args) -> int:
     pipeline, pg = _load_valid(args.file, args.set or [], steps=args.steps, seed=args.seed)
     _check_inputs(pipeline)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rlflow import rundir
     from rlflow.view import LiveView, render_graph
 
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     if args.resume:
         out = Path(args.resume)
         if not (out / "checkpoints").exists():
@@ -203,8 +204,12 @@ def cmd_run(args) -> int:
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would pick its own time stamp
         raise UserError("RF110", "with several processes, name the run directory: --out runs/<name>")
     else:
-        out = Path("runs") / f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+        out = rundir.default_out(pipeline.name)
+    lock = rundir.lock(out) if rank0 else None  # held until the process ends
+    if args.resume:
+        _check_resume_config(out, pg.pipeline, override=args.resume_override)
+    elif rank0:
+        rundir.refuse_existing(out)
     console = _console()
     if rank0 and not args.quiet:
         console.print(render_graph(pg))
@@ -216,7 +221,7 @@ def cmd_run(args) -> int:
     from rlflow.engine import Run
 
     view = LiveView(console, steps=pipeline.steps, enabled=rank0 and not args.quiet)
-    run = Run(pipeline, pg, out, observer=view)
+    run = Run(pipeline, pg, out, observer=view, lock=lock)
     try:
         run.setup()
         if args.resume:
@@ -226,6 +231,33 @@ def cmd_run(args) -> int:
         view.close()
         run.close()
     return 0
+
+
+RESUMABLE_CHANGES = ("steps",)  # settings a resume may change without --resume-override (train longer)
+
+
+def _check_resume_config(out: Path, pipeline, *, override: bool) -> None:
+    """Refuse (UserError) to resume ``out`` with settings other than those it was started
+    with (the resolved pipeline against the run's config.json), naming every differing
+    setting; ``override`` lets the new settings stand."""
+    from rlflow.settings import describe, diff
+
+    if override:
+        return
+    recorded = out / "config.json"
+    if not recorded.exists():
+        raise UserError("RF111", f"--resume {out}: no config.json there to check the settings against; "
+                                 "pass --resume-override to resume anyway")
+    try:
+        old = json.loads(recorded.read_text())
+    except ValueError as e:
+        raise UserError("RF111", f"--resume {out}: {recorded} is unreadable ({e}); "
+                                 "pass --resume-override to resume anyway") from None
+    differences = [row for row in diff(old, pipeline.to_config()) if row[0] not in RESUMABLE_CHANGES]
+    if differences:
+        raise UserError("RF111", f"--resume {out}: the run was started with other settings "
+                                 f"({recorded} -> now):\n{describe(differences)}\n"
+                                 "resume with the same settings, or pass --resume-override to continue with these")
 
 
 def _quiet_libraries() -> None:
@@ -254,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/<name>-<time>)")
     r.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter (repeatable)")
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest intact checkpoint")
+    r.add_argument("--resume-override", action="store_true",
+                   help="resume even though the settings differ from the run's config.json")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadiest on a busy machine)")
     r.set_defaults(fn=cmd_run)
 
@@ -308,13 +342,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         err.print("interrupted", markup=False)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages
+        from rlflow.checkpoint import ResumeError
         from rlflow.data import DataError
-        from rlflow.engine import ResumeError
         from rlflow.models import ModelLoadError
+        from rlflow.rundir import RunDirError
 
         if args.debug:
             traceback.print_exc()
-        if isinstance(e, (ModelLoadError, DataError, ResumeError)):  # bad input found while loading: no traceback to offer
+        if isinstance(e, (ModelLoadError, DataError, ResumeError, RunDirError)):  # bad input found while loading: no traceback to offer
             err.print(f"error: {e}", markup=False)
             return EXIT_USAGE
         err.print(f"error: {type(e).__name__}: {e}" + ("" if args.debug else "\n(run with --debug for the traceback)"), markup=False)

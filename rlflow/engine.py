@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from rlflow import checkpoint, dist
+from rlflow import checkpoint, dist, rundir
 from rlflow.batch import Batch
 from rlflow.checkpoint import ResumeError  # noqa: F401  (re-exported for the CLI)
 from rlflow.data import DataStream
@@ -82,6 +82,7 @@ class Run:
     workers: dict[str, Worker] = field(default_factory=dict)
     start_step: int = 0  # the last step done before this process started (resume)
     resumed_eval: dict[str, float] = field(default_factory=dict)
+    lock: Optional[rundir.Lock] = None  # the run directory's lock (taken in setup unless given)
 
     def __post_init__(self):
         self.pipeline = self.graph.pipeline
@@ -96,6 +97,8 @@ class Run:
         torch.manual_seed(p.seed)
         random.seed(p.seed)
         self.generator = torch.Generator().manual_seed(p.seed + SAMPLER_SEED_STRIDE * dist.rank())
+        if dist.rank() == 0 and self.lock is None:
+            self.lock = rundir.lock(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if dist.rank() == 0:
             write_json(self.out_dir / "config.json", p.to_config())
@@ -144,6 +147,13 @@ class Run:
 
     # --- the loop --------------------------------------------------------------------------
     def train(self, steps: Optional[int] = None) -> dict[str, Any]:
+        try:
+            return self._train(steps)
+        except BaseException:
+            self.close()  # a failed run lets go of its files, its workers and its directory's lock
+            raise
+
+    def _train(self, steps: Optional[int] = None) -> dict[str, Any]:
         steps = steps or self.pipeline.steps
         every = self.pipeline.eval.every if self.pipeline.eval else 0
         before = self.resumed_eval if self.start_step else self.evaluate(0)
@@ -333,7 +343,7 @@ class Run:
         """Continue from ``path`` (default: the latest checkpoint of this run's directory):
         weights, optimizer and scheduler state, RNG state and data position, so that the
         remaining steps are the ones the uninterrupted run would have taken."""
-        path = path or checkpoint.latest(self.out_dir)
+        path = path or checkpoint.latest(self.out_dir, say=self.observer.message)
         state = checkpoint.load(path, self.workers)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
@@ -355,3 +365,6 @@ class Run:
         pool = getattr(getattr(self, "ctx", None), "rule_pool", None)
         if pool is not None:
             pool.close()
+        if self.lock:
+            self.lock.release()
+            self.lock = None

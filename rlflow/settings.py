@@ -92,3 +92,8 @@ def diff(*configs: dict[str, Any]) -> list[tuple[str, list[str]]]:
         if len(set(values)) > 1:
             rows.append((k, values))
     return rows
+
+
+def describe(rows: list[tuple[str, list[str]]]) -> str:
+    """One line per difference of two configs: ``path: old -> new``."""
+    return "\n".join(f"  {path}: {' -> '.join(values)}" for path, values in rows)

@@ -84,7 +84,7 @@ def test_run_outputs_and_final_model_loads(tmp_path):
     assert set(rec["nodes"]) == {"generate", "score", "ref_logprob", "advantage", "loss"}
     assert rec["nodes"]["generate"]["tokens"] > 0
     assert (out / "samples.jsonl").read_text().strip()
-    assert (out / "checkpoints" / "step_1" / "state.pt").exists()
+    assert (out / "checkpoints" / "step_1" / "manifest.json").exists()
     assert not list((out / "checkpoints").glob("*.tmp"))
     m = AutoModelForCausalLM.from_pretrained(out / "final")
     torch.testing.assert_close(torch.cat([p.flatten() for p in m.parameters()]), weights(run))
@@ -316,7 +316,7 @@ def test_a_failing_step_leaves_a_checkpoint_to_resume_from(tmp_path):
     run = run_of(pipe(flaky), tmp_path)
     with pytest.raises(RewardRuleError, match="the grader is down"):
         run.train(3)
-    assert (tmp_path / "run" / "checkpoints" / "step_2" / "state.pt").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / "manifest.json").exists()
     full = run_of(pipe(length), tmp_path, "full")
     full.train(3)
     again = run_of(pipe(length), tmp_path)

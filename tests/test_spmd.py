@@ -27,4 +27,4 @@ def test_two_processes_run_the_same_file(tmp_path):
     assert [x["step"] for x in records] == [1, 2]  # one writer: rank 0
     assert records[0]["rows"] == 8  # 2 prompts x 4 samples on this rank
     assert (out / "final" / "model.safetensors").exists()
-    assert (out / "checkpoints" / "step_2" / "state.pt").exists()
+    assert (out / "checkpoints" / "step_2" / "manifest.json").exists()
