@@ -91,6 +91,20 @@ def _tokens(batch: Batch) -> int:
     return int(batch["response_mask"].sum().item()) if "response_mask" in batch else 0
 
 
+def train_pipeline(pipeline: Pipeline, out_dir: Path) -> Path:
+    """Run ``pipeline`` to the end in ``out_dir``, quietly; the directory of its final model.
+
+    Model providers receive this as ``train`` (``rlflow.provider.Train``) to build a model
+    by training (``builtin:tiny-arith`` runs ``pipelines/sft.py``) without importing the engine.
+    """
+    from rlflow.graph import build
+
+    run = Run(pipeline, build(pipeline), out_dir)
+    run.setup()
+    run.train()
+    return out_dir / "final"
+
+
 @dataclass
 class Run:
     """A run of a pipeline: its models, its data, its outputs."""
@@ -120,7 +134,7 @@ class Run:
         tokenizers: dict[str, Any] = {}
         for name, spec in p.models.items():
             t0 = time.perf_counter()
-            self.workers[name] = place(name, spec, on_build=self.observer.message, shared=tokenizers)
+            self.workers[name] = place(name, spec, train=train_pipeline, on_build=self.observer.message, shared=tokenizers)
             kind = "trainable" if spec.train else "frozen"
             self.observer.message(f"placed {name} ({spec.path}, {kind}, head={spec.head}, ZeRO-{spec.zero_stage}, "
                                   f"{spec.precision}) in {time.perf_counter() - t0:.1f}s")

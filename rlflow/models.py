@@ -6,8 +6,9 @@ with an AdamW optimizer (ZeRO stage, precision, offload and gradient clipping fr
 GPU DeepSpeed's CPU accelerator and the gloo backend are used; a single process gets its
 rank/world environment set here so that DeepSpeed does not look for MPI.
 
-``Model.path`` is a Hugging Face id, a local directory, or ``builtin:tiny-arith`` (built
-and cached on first use). All three go through the same ``from_pretrained`` calls.
+``Model.path`` is a Hugging Face id, a local directory, or a ``builtin:`` name (a
+provider's model, built and cached on first use: ``rlflow.builtin``). All three go
+through the same ``from_pretrained`` calls.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from rlflow import builtin
+from rlflow.provider import Train
+from rlflow.registry import UnknownName
 from rlflow.spec import Model
 
 
@@ -25,18 +29,14 @@ class ModelLoadError(Exception):
     """A model that cannot be found or loaded (reported without a traceback)."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RLFLOW_CACHE", Path.home() / ".cache" / "rlflow"))
-
-
-BUILTIN_MODELS = ("tiny-arith", "tiny-arith-init")
-
-
 def check_path(path: str) -> Optional[str]:
     """Why ``path`` cannot name a model, or None. Cheap: loads nothing."""
-    if path.startswith("builtin:"):
-        name = path.split(":", 1)[1]
-        return None if name in BUILTIN_MODELS else f"unknown built-in model {path!r}; known: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}"
+    if path.startswith(builtin.PREFIX):
+        try:
+            builtin.model_provider(path)
+        except UnknownName as e:
+            return str(e)
+        return None
     p = Path(path).expanduser()
     if p.exists():
         return None if (p / "config.json").exists() else f"{path!r} is a directory without a config.json (not a saved Hugging Face model)"
@@ -46,15 +46,20 @@ def check_path(path: str) -> Optional[str]:
     return None  # a Hugging Face id: it may be in the local cache
 
 
-def resolve(path: str, *, on_build: Optional[Callable[[str], None]] = None) -> str:
-    """A directory or hub id that ``from_pretrained`` can load; builds built-ins on first use."""
+def resolve(path: str, *, train: Optional[Train] = None, on_build: Optional[Callable[[str], None]] = None) -> str:
+    """A directory or hub id that ``from_pretrained`` can load.
+
+    A ``builtin:`` model is built on first use (``train`` runs a pipeline, for models made
+    by training; the engine supplies it).
+    """
     problem = check_path(path)
     if problem:
         raise ModelLoadError(problem)
-    if path.startswith("builtin:"):
-        from rlflow.builtin import ensure_builtin
-
-        return str(ensure_builtin(path.split(":", 1)[1], on_build=on_build))
+    if path.startswith(builtin.PREFIX):
+        try:
+            return str(builtin.ensure_builtin(path, train=train, on_build=on_build))
+        except builtin.CacheError as e:
+            raise ModelLoadError(str(e)) from e
     return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
 
 
@@ -205,14 +210,16 @@ class Worker:
             self.tokenizer.save_pretrained(directory)
 
 
-def place(name: str, spec: Model, *, on_build: Optional[Callable[[str], None]] = None, shared: Optional[dict] = None) -> Worker:
-    """Load ``spec`` and wrap it with DeepSpeed. ``shared`` caches tokenizers by path."""
+def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Optional[Callable[[str], None]] = None,
+          shared: Optional[dict] = None) -> Worker:
+    """Load ``spec`` and wrap it with DeepSpeed. ``shared`` caches tokenizers by path;
+    ``train`` and ``on_build`` serve a built-in model's first build (see :func:`resolve`)."""
     import deepspeed
     import torch
 
     setup_distributed()
     _quiet_transformers()
-    path = resolve(spec.path, on_build=on_build)
+    path = resolve(spec.path, train=train, on_build=on_build)
     try:
         tokenizer = (shared or {}).get(path) or load_tokenizer(path)
     except ModelLoadError as e:
