@@ -21,9 +21,12 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from rlflow.provider import DATA, MODELS, DataProvider, ModelProvider, Say, Train
+
+if TYPE_CHECKING:
+    from rlflow.spec import Pipeline
 
 # Bump when the cache layout or the build conditions change, so that every stale entry is
 # rebuilt. v3: built in one torch thread, recipe keys derived from the providers.
@@ -68,6 +71,23 @@ def known_models() -> list[str]:
     """Every registered built-in model, sorted."""
     _shipped()
     return MODELS.names()
+
+
+def eval_rule(pipeline: "Pipeline") -> Optional[Callable[[str, dict], float]]:
+    """The rule held-out evaluation scores the policy's answers with, or None.
+
+    The pipeline decides, in this order: its ``Eval.rule``; the first rule of its first
+    Score node; the default rule of its data provider (a ``builtin:`` source whose
+    provider declares one, e.g. exact match for ``builtin:arith``).
+    """
+    ev = getattr(pipeline, "eval", None)
+    if ev is not None and getattr(ev, "rule", None) is not None:
+        return ev.rule
+    scores = [n for n in pipeline.nodes if n.kind == "score" and n.rules]
+    if scores:
+        return next(iter(scores[0].rules.values())).fn
+    source = pipeline.data.source
+    return data_provider(source).rule if source.startswith(PREFIX) else None
 
 
 # --- the model cache --------------------------------------------------------------------

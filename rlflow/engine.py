@@ -388,12 +388,9 @@ class Run:
         return out
 
     def _eval_rule(self):
-        if self.pipeline.data.source == "builtin:arith":
-            from rlflow.arith import exact_match
+        from rlflow.builtin import eval_rule
 
-            return exact_match
-        scores = [n for n in self.pipeline.nodes if n.kind == "score" and n.rules]
-        return next(iter(scores[0].rules.values())).fn if scores else None
+        return eval_rule(self.pipeline)  # Eval.rule, else the first Score rule, else the data provider's
 
     def _record(self, step: int, batch: Batch, times: dict[str, NodeTime], metrics: dict[str, float], seconds: float) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": step, "seconds": round(seconds, 4), "rows": len(batch)}

@@ -641,6 +641,7 @@ class Eval(Spec):
     max_new_tokens: Optional[int] = Field(None, ge=1, description="default: the Generate node's")
     pairs: Optional[str] = Field(None, description="held-out preference pairs (builtin:arith or a jsonl) for the "
                                  "preference accuracy, when the training data are not pairs")
+    rule: Optional[RuleFn] = Field(None, description="default: the Score node's first rule, else the built-in data's rule")
 
 
 class Phase(Spec):

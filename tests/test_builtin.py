@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from rlflow import Prompts, builtin
-from rlflow.arith import exact_match
+from rlflow import Eval, Generate, Loss, Model, Pipeline, Prompts, Score, builtin
+from rlflow.arith import exact_match, signed_match
 from rlflow.data import check_source
 from rlflow.models import ModelLoadError, check_path, resolve
 from rlflow.spec import Demonstrations
@@ -31,6 +31,12 @@ def sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def pipeline(**kw):
+    base = dict(name="t", data=Prompts("builtin:arith"), models={"actor": Model("builtin:tiny-arith", train=True)},
+                nodes=[Generate("actor", n=2), Score(rule=signed_match), Loss("clip", model="actor")])
+    return Pipeline(**{**base, **kw})
+
+
 def test_shipped_providers_are_registered_by_name():
     assert builtin.known_data() == ["builtin:arith"]
     assert builtin.known_models() == ["builtin:tiny-arith", "builtin:tiny-arith-init"]
@@ -49,6 +55,20 @@ def test_lookups_import_no_torch():
     code = ("import sys; from rlflow import builtin; builtin.known_data(); builtin.model_dir('builtin:tiny-arith'); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eval_rule_comes_from_the_pipeline():
+    assert builtin.eval_rule(pipeline()) is signed_match  # the Score node's first rule
+    assert builtin.eval_rule(pipeline(eval=Eval(rule=exact_match))) is exact_match  # Eval.rule first
+    no_score = pipeline(nodes=[Loss("nll", model="actor")], data=Demonstrations("builtin:arith"))
+    assert builtin.eval_rule(no_score) is exact_match  # the data provider's default
+
+
+def test_eval_rule_round_trips_through_config():
+    p = pipeline(eval=Eval(rule=exact_match))
+    config = p.to_config()
+    assert config["eval"]["rule"] == "rlflow.arith:exact_match"
+    assert Eval.model_validate(config["eval"]).rule is exact_match
 
 
 def test_init_is_the_same_whatever_the_thread_count(cache):

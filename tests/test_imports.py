@@ -58,3 +58,11 @@ def test_no_import_cycle():
     cycles = list(nx.simple_cycles(import_graph()))
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + [c[0]]) for c in cycles)
 
+
+def test_the_runtime_knows_no_task():
+    # DESIGN.md: builtin: names are providers looked up by name; one module loads the shipped ones
+    g = import_graph()
+    importers = {m for m in g.predecessors("rlflow.arith") if not m.startswith("rlflow.pipelines.")}
+    assert importers == {"rlflow.builtin"}
+    for provider_side in ("rlflow.arith", "rlflow.builtin", "rlflow.provider"):
+        assert not nx.has_path(g, provider_side, "rlflow.engine"), provider_side
