@@ -50,7 +50,8 @@ def resolve(path: str, *, train: Optional[Train] = None, on_build: Optional[Call
     """A directory or hub id that ``from_pretrained`` can load.
 
     A ``builtin:`` model is built on first use (``train`` runs a pipeline, for models made
-    by training; the engine supplies it).
+    by training; the engine supplies it). A hub id that is not in the local cache fails
+    here, at once, when the hub cannot be reached (see :func:`hub_offline`).
     """
     problem = check_path(path)
     if problem:
@@ -60,7 +61,80 @@ def resolve(path: str, *, train: Optional[Train] = None, on_build: Optional[Call
             return str(builtin.ensure_builtin(path, train=train, on_build=on_build))
         except builtin.CacheError as e:
             raise ModelLoadError(str(e)) from e
-    return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
+    local = Path(path).expanduser()
+    if local.exists():
+        return str(local)
+    if hub_offline() and not _in_hub_cache(path):
+        raise ModelLoadError(f"model {path!r} is not in the local Hugging Face cache and the hub cannot be reached: "
+                             f"download it where there is a network (hf download {path}), give a local directory, "
+                             "or set RLFLOW_ONLINE=1 to try the hub anyway")
+    return path
+
+
+_OFFLINE: Optional[bool] = None
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to the host of ``url`` opens within ``timeout`` seconds
+    (name lookup included: the probe runs in a thread that is abandoned at the timeout)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    opened: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+            opened.append(True)
+        except (OSError, ValueError):
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(opened)
+
+
+def hub_offline(timeout: float = 2.0) -> bool:
+    """Whether Hugging Face hub ids resolve from the local cache alone; decided once a process.
+
+    Offline when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set, or when the hub
+    (``$HF_ENDPOINT``, default https://huggingface.co) does not accept a connection within
+    ``timeout`` seconds. In the last case both variables are set, for this process and its
+    children, so that loading fails at once instead of retrying the network for about a
+    minute. ``RLFLOW_ONLINE=1`` skips the probe and leaves the hub libraries as they are.
+    """
+    global _OFFLINE
+    if _OFFLINE is None:
+        flags = [os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+        if any(f in ("1", "ON", "YES", "TRUE") for f in flags):
+            _OFFLINE = True
+        elif os.environ.get("RLFLOW_ONLINE") == "1":
+            _OFFLINE = False
+        else:
+            _OFFLINE = not _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+            if _OFFLINE:
+                _go_offline()
+    return _OFFLINE
+
+
+def _go_offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import huggingface_hub.constants  # read once at its import: set it too, in case it was imported already
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id`` (its config.json)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def setup_distributed() -> None:

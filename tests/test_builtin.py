@@ -4,11 +4,12 @@ import hashlib
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from rlflow import Eval, Generate, Loss, Model, Pipeline, Prompts, Score, builtin
+from rlflow import Eval, Generate, Loss, Model, Pipeline, Prompts, Score, builtin, models
 from rlflow.arith import exact_match, signed_match
 from rlflow.data import check_source
 from rlflow.models import ModelLoadError, check_path, resolve
@@ -106,6 +107,37 @@ def test_a_trained_builtin_needs_the_train_callable(cache):
     with pytest.raises(RuntimeError, match="must pass train="):
         builtin.ensure_builtin("builtin:tiny-arith")
     assert not (cache / "models").exists() or not any((cache / "models").glob("tiny-arith-v3*"))
+
+
+@pytest.fixture
+def hub_env(monkeypatch):
+    """A clean slate for the offline decision, restored after the test."""
+    import huggingface_hub.constants
+
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RLFLOW_ONLINE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_OFFLINE", None)
+    return monkeypatch
+
+
+def test_hub_id_not_cached_fails_fast_when_the_hub_is_unreachable(hub_env, tmp_path):
+    import huggingface_hub.constants
+
+    hub_env.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the probe fails at once
+    hub_env.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_env.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="'someorg/some-model' is not in the local Hugging Face cache"):
+        resolve("someorg/some-model")
+    assert time.perf_counter() - t0 < 5
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and models.hub_offline()
+
+
+def test_rlflow_online_skips_the_probe(hub_env):
+    hub_env.setenv("RLFLOW_ONLINE", "1")
+    hub_env.setattr(models, "_reachable", lambda *a: pytest.fail("probed"))
+    assert resolve("someorg/some-model") == "someorg/some-model"  # left to from_pretrained
 
 
 @pytest.mark.slow
