@@ -62,10 +62,11 @@ def baseline_steps(model: str, warmup: int, steps: int) -> dict:
 
     from rlflow.arith import exact_match, problems
     from rlflow.forward import decode, encode_prompts, response_logprobs, sample
+    from rlflow.engine import train_pipeline
     from rlflow.models import load_tokenizer, resolve
     from transformers import AutoModelForCausalLM
 
-    path = resolve(model)
+    path = resolve(model, train=train_pipeline)
     tok = load_tokenizer(path)
     policy = AutoModelForCausalLM.from_pretrained(path)
     ref = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)

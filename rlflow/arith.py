@@ -7,21 +7,34 @@ the seed. The reward is a rule, :func:`exact_match`.
 
 The model is a tiny Llama-style causal LM over a character-level tokenizer, so every
 pipeline runs and visibly learns on a CPU with nothing downloaded. This module builds
-the tokenizer and the freshly initialised model; the project's own SFT pipeline trains it
-on :func:`demonstrations` with the ``SFT_*`` settings below, which were chosen to stop at
-a *moderate* eval accuracy so that RL has room to improve it.
+the tokenizer and the freshly initialised model; the project's own SFT pipeline
+(``pipelines/sft.py``) trains it on :func:`demonstrations` with the ``SFT_*`` settings
+below, which were chosen to stop at a *moderate* eval accuracy so that RL has room to
+improve it.
 
-Only the standard library is imported at module level: the data functions serve
-validation, which must not import torch.
+Importing this module registers its providers (:mod:`rlflow.provider`): the data source
+``builtin:arith`` (default evaluation rule :func:`exact_match`) and the models
+``builtin:tiny-arith-init`` and ``builtin:tiny-arith``. Only the standard library and
+``rlflow.provider`` are imported at module level: the data functions serve validation,
+which must not import torch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
-from typing import TYPE_CHECKING, Literal
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional
+
+from rlflow.provider import Say, Train, data_provider, model_provider
 
 if TYPE_CHECKING:
     import transformers
+
+    from rlflow.spec import Pipeline
 
 Split = Literal["train", "eval"]
 
@@ -54,6 +67,13 @@ OPERANDS = range(10, 100)
 
 CHARS = "0123456789+="
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+
+# The shape of builtin:tiny-arith-init and the seed of its weights. These enter its cache
+# key; bump _INIT_REVISION for any other change to make_tokenizer or make_model.
+SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
+INIT_SEED = 0
+_INIT_REVISION = 1
 
 
 # --- tokenizer and model ---------------------------------------------------------------
@@ -99,13 +119,7 @@ def make_model(tokenizer: "transformers.PreTrainedTokenizerBase", *, seed: int) 
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
+        **SHAPE,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -200,3 +214,67 @@ def demonstrations(split: Split, n: int | None = None, *, seed: int = 0) -> list
     The EOS token is appended by the data loader, not here.
     """
     return [{**row, "completion": row["answer"]} for row in problems(split, n, seed=seed)]
+
+
+# --- providers: what the names builtin:arith, builtin:tiny-arith(-init) stand for ---------------
+
+_MAKERS = {"prompts": problems, "demonstrations": demonstrations, "pairs": pairs}
+
+
+@data_provider("builtin:arith", kinds=set(_MAKERS), rule=exact_match)
+def _rows(kind: str, split: Split) -> list[dict]:
+    """Every row of ``split`` for data of ``kind`` (train rows in seed-0 order; the data
+    stream shuffles them with the pipeline's seed)."""
+    return _MAKERS[kind](split)
+
+
+def _digest(recipe: object) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _init_key() -> str:
+    """Changes with the vocabulary, the shape, the seed or the revision of the init recipe."""
+    return f"s{INIT_SEED}-{_digest([_INIT_REVISION, [PAD, EOS, BOS, UNK, *CHARS], SHAPE, INIT_SEED])}"
+
+
+@model_provider("builtin:tiny-arith-init", key=_init_key)
+def _build_init(directory: Path, say: Say, train: Optional[Train]) -> None:
+    """A freshly initialised model and its tokenizer, saved in ``directory``."""
+    tok = make_tokenizer()
+    make_model(tok, seed=INIT_SEED).save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+def sft_pipeline() -> "Pipeline":
+    """The recipe of ``builtin:tiny-arith``: the shipped ``pipelines/sft.py``.
+
+    It is loaded as a file, as ``rlflow run`` loads it: the pipeline imports this module
+    for its settings, so this module does not import it.
+    """
+    import rlflow.pipelines
+    from rlflow.loader import load_pipeline
+
+    return load_pipeline(Path(rlflow.pipelines.__file__).with_name("sft.py"))
+
+
+def _sft_key() -> str:
+    """Changes with the SFT pipeline (any setting but its description) and the init key."""
+    config = {k: v for k, v in sft_pipeline().to_config().items() if k != "description"}
+    return f"sft{SFT_STEPS}-{_digest([config, _init_key()])}"
+
+
+@model_provider("builtin:tiny-arith", key=_sft_key)
+def _build_sft(directory: Path, say: Say, train: Optional[Train]) -> None:
+    """``builtin:tiny-arith-init`` after :func:`sft_pipeline`, run by ``train``."""
+    if train is None:
+        raise RuntimeError("builtin:tiny-arith is made by training pipelines/sft.py; "
+                           "its caller must pass train= (the engine's train_pipeline)")
+    say(f"building builtin:tiny-arith (first use): SFT of builtin:tiny-arith-init on builtin:arith "
+        f"({SFT_STEPS} steps, one thread), cached in {directory.parent}")
+    t0 = time.perf_counter()
+    run_dir = directory.with_name(directory.name + "-run")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    final = train(sft_pipeline(), run_dir)
+    shutil.move(str(final), str(directory))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    say(f"built builtin:tiny-arith in {time.perf_counter() - t0:.0f}s")

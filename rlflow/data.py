@@ -1,5 +1,6 @@
-"""Data sources: rows from ``builtin:arith``, a jsonl file or a saved ``datasets`` dataset,
-served as ``Batch`` es of prompts (or demonstrations, or preference pairs).
+"""Data sources: rows from a ``builtin:`` provider (``rlflow.builtin``), a jsonl file or
+a saved ``datasets`` dataset, served as ``Batch`` es of prompts (or demonstrations, or
+preference pairs).
 
 The stream is seeded, walks a shuffled order epoch after epoch, and can report and
 restore its position (for exact resume).
@@ -13,7 +14,9 @@ from typing import Any, Optional
 
 import torch
 
+from rlflow import builtin
 from rlflow.batch import Batch
+from rlflow.registry import UnknownName
 from rlflow.spec import DataSource, Demonstrations, Pairs
 
 
@@ -21,11 +24,22 @@ class DataError(Exception):
     """Data that cannot be read or lacks a field (reported without a traceback)."""
 
 
+def _check_builtin(spec: DataSource) -> Optional[str]:
+    """Why no registered provider serves ``spec`` (its name, then its kind), or None."""
+    try:
+        provider = builtin.data_provider(spec.source)
+    except UnknownName as e:
+        return str(e)
+    if spec.kind not in provider.kinds:
+        return f"{spec.source} serves no {spec.kind} data; it serves: {', '.join(sorted(provider.kinds))}"
+    return None
+
+
 def check_source(spec: DataSource) -> Optional[str]:
     """Why the source cannot be read, or None. Cheap: reads no file."""
     src = spec.source
     if src.startswith("builtin:"):
-        return None if src == "builtin:arith" else f"unknown built-in data {src!r}; known: builtin:arith"
+        return _check_builtin(spec)
     if not Path(src).expanduser().exists():
         return f"data file {src!r} does not exist"
     return None
@@ -35,12 +49,10 @@ def load_rows(spec: DataSource, split: str = "train") -> Optional[list[dict[str,
     """All rows of ``split`` ("train" or "eval") as dicts; None when there is no such split."""
     src = spec.source
     if src.startswith("builtin:"):
-        from rlflow import arith
-
-        if src != "builtin:arith":
-            raise DataError(check_source(spec))
-        make = {"prompts": arith.problems, "demonstrations": arith.demonstrations, "pairs": arith.pairs}[spec.kind]
-        return make(split)
+        problem = _check_builtin(spec)
+        if problem:
+            raise DataError(problem)
+        return builtin.data_provider(src).rows(spec.kind, split)
     path = src if split == "train" else spec.eval_source
     if path is None:
         return None

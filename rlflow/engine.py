@@ -54,17 +54,21 @@ class Observer:
     def end(self, summary: dict[str, Any]) -> None: ...
 
 
-def train_pipeline(pipeline: Pipeline, out_dir: Path, observer: Optional[Observer] = None) -> dict[str, Any]:
-    """Build the graph of ``pipeline``, run it to the end in ``out_dir``, return the summary
-    (how the built-in model provider trains its model, without importing the engine)."""
+def train_pipeline(pipeline: Pipeline, out_dir: Path) -> Path:
+    """Run ``pipeline`` to the end in ``out_dir``, quietly; the directory of its final model.
+
+    Model providers receive this as ``train`` (``rlflow.provider.Train``) to build a model
+    by training (``builtin:tiny-arith`` runs ``pipelines/sft.py``) without importing the engine.
+    """
     from rlflow.graph import build
 
-    run = Run(pipeline, build(pipeline), out_dir, observer=observer or Observer())
+    run = Run(pipeline, build(pipeline), out_dir)
     try:
         run.setup()
-        return run.train()
+        run.train()
     finally:
         run.close()
+    return out_dir / "final"
 
 
 @dataclass

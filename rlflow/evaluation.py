@@ -1,27 +1,21 @@
 """Held-out evaluation: the policy's greedy accuracy and, on preference data, pairwise accuracy.
 
-What counts as correct comes from the pipeline: ``Eval(rule=...)``, by default the
-first rule of its Score node. The held-out rows come from the data source's eval split
+What counts as correct comes from the pipeline (:func:`rlflow.builtin.eval_rule`):
+``Eval(rule=...)``, by default the first rule of its Score node, else the default rule
+of its built-in data provider. The held-out rows come from the data source's eval split
 (or ``Eval.pairs`` for preference accuracy on a pipeline that does not train on pairs),
 read once per run.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+from rlflow.builtin import eval_rule
 from rlflow.lazy import no_grad
 from rlflow.spec import Pairs, Pipeline
 
 DEFAULT_MAX_NEW_TOKENS = 16  # greedy budget when neither Eval nor a Generate node sets one
-
-
-def eval_rule(pipeline: Pipeline) -> Optional[Callable]:
-    """``Eval.rule``, else the first rule of the first Score node that has rules."""
-    if pipeline.eval is not None and pipeline.eval.rule is not None:
-        return pipeline.eval.rule
-    scores = [n for n in pipeline.nodes if n.kind == "score" and n.rules]
-    return next(iter(scores[0].rules.values())).fn if scores else None
 
 
 class Evaluator:

@@ -6,8 +6,9 @@ with an AdamW optimizer (ZeRO stage, precision, offload and gradient clipping fr
 GPU DeepSpeed's CPU accelerator and the gloo backend are used; a single process gets its
 rank/world environment set here so that DeepSpeed does not look for MPI.
 
-``Model.path`` is a Hugging Face id, a local directory, or ``builtin:tiny-arith`` (built
-and cached on first use). All three go through the same ``from_pretrained`` calls.
+``Model.path`` is a Hugging Face id, a local directory, or a ``builtin:`` name (a
+provider's model, built and cached on first use: ``rlflow.builtin``). All three go
+through the same ``from_pretrained`` calls.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from rlflow import builtin
+from rlflow.provider import Train
+from rlflow.registry import UnknownName
 from rlflow.spec import Model
 
 
@@ -24,18 +28,14 @@ class ModelLoadError(Exception):
     """A model that cannot be found or loaded (reported without a traceback)."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RLFLOW_CACHE", Path.home() / ".cache" / "rlflow"))
-
-
-BUILTIN_MODELS = ("tiny-arith", "tiny-arith-init")
-
-
 def check_path(path: str) -> Optional[str]:
     """Why ``path`` cannot name a model, or None. Cheap: loads nothing."""
-    if path.startswith("builtin:"):
-        name = path.split(":", 1)[1]
-        return None if name in BUILTIN_MODELS else f"unknown built-in model {path!r}; known: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}"
+    if path.startswith(builtin.PREFIX):
+        try:
+            builtin.model_provider(path)
+        except UnknownName as e:
+            return str(e)
+        return None
     p = Path(path).expanduser()
     if p.exists():
         return None if (p / "config.json").exists() else f"{path!r} is a directory without a config.json (not a saved Hugging Face model)"
@@ -45,16 +45,95 @@ def check_path(path: str) -> Optional[str]:
     return None  # a Hugging Face id: it may be in the local cache
 
 
-def resolve(path: str, *, on_build: Optional[Callable[[str], None]] = None) -> str:
-    """A directory or hub id that ``from_pretrained`` can load; builds built-ins on first use."""
+def resolve(path: str, *, train: Optional[Train] = None, on_build: Optional[Callable[[str], None]] = None) -> str:
+    """A directory or hub id that ``from_pretrained`` can load.
+
+    A ``builtin:`` model is built on first use (``train`` runs a pipeline, for models made
+    by training; the engine supplies it). A hub id that is not in the local cache fails
+    here, at once, when the hub cannot be reached (see :func:`hub_offline`).
+    """
     problem = check_path(path)
     if problem:
         raise ModelLoadError(problem)
-    if path.startswith("builtin:"):
-        from rlflow.builtin import ensure_builtin
+    if path.startswith(builtin.PREFIX):
+        try:
+            return str(builtin.ensure_builtin(path, train=train, on_build=on_build))
+        except builtin.CacheError as e:
+            raise ModelLoadError(str(e)) from e
+    local = Path(path).expanduser()
+    if local.exists():
+        return str(local)
+    if hub_offline() and not _in_hub_cache(path):
+        raise ModelLoadError(f"model {path!r} is not in the local Hugging Face cache and the hub cannot be reached: "
+                             f"download it where there is a network (hf download {path}), give a local directory, "
+                             "or set RLFLOW_ONLINE=1 to try the hub anyway")
+    return path
 
-        return str(ensure_builtin(path.split(":", 1)[1], on_build=on_build))
-    return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
+
+_OFFLINE: Optional[bool] = None
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to the host of ``url`` opens within ``timeout`` seconds
+    (name lookup included: the probe runs in a thread that is abandoned at the timeout)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    opened: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+            opened.append(True)
+        except (OSError, ValueError):
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(opened)
+
+
+def hub_offline(timeout: float = 2.0) -> bool:
+    """Whether Hugging Face hub ids resolve from the local cache alone; decided once a process.
+
+    Offline when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set, or when the hub
+    (``$HF_ENDPOINT``, default https://huggingface.co) does not accept a connection within
+    ``timeout`` seconds. In the last case both variables are set, for this process and its
+    children, so that loading fails at once instead of retrying the network for about a
+    minute. ``RLFLOW_ONLINE=1`` skips the probe and leaves the hub libraries as they are.
+    """
+    global _OFFLINE
+    if _OFFLINE is None:
+        flags = [os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+        if any(f in ("1", "ON", "YES", "TRUE") for f in flags):
+            _OFFLINE = True
+        elif os.environ.get("RLFLOW_ONLINE") == "1":
+            _OFFLINE = False
+        else:
+            _OFFLINE = not _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+            if _OFFLINE:
+                _go_offline()
+    return _OFFLINE
+
+
+def _go_offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import huggingface_hub.constants  # read once at its import: set it too, in case it was imported already
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id`` (its config.json)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def setup_distributed() -> None:
@@ -206,16 +285,16 @@ class Worker:
             self.tokenizer.save_pretrained(directory)
 
 
-def place(name: str, spec: Model, *, on_build: Optional[Callable[[str], None]] = None, shared: Optional[dict] = None,
-          train: Optional[Callable] = None) -> Worker:
+def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Optional[Callable[[str], None]] = None,
+          shared: Optional[dict] = None) -> Worker:
     """Load ``spec`` and wrap it with DeepSpeed. ``shared`` caches tokenizers by path;
-    ``train(pipeline, out_dir)`` trains a built-in model that must be built first."""
+    ``train`` and ``on_build`` serve a built-in model's first build (see :func:`resolve`)."""
     import deepspeed
     import torch
 
     setup_distributed()
     _quiet_transformers()
-    path = resolve(spec.path, on_build=on_build)
+    path = resolve(spec.path, train=train, on_build=on_build)
     try:
         tokenizer = (shared or {}).get(path) or load_tokenizer(path)
     except ModelLoadError as e:

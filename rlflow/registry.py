@@ -28,7 +28,7 @@ class UnknownName(KeyError):
 def _same_definition(old: object, new: object) -> bool:
     """The same definition executed again (a pipeline file loaded twice), not a clash."""
     key = lambda o: (getattr(o, "__module__", None), getattr(o, "__qualname__", None))  # noqa: E731
-    return key(old) == key(new) and key(old) != (None, None)
+    return key(old) == key(new) and None not in key(old)  # instances have a module but no qualname
 
 
 class Registry(Generic[T]):

@@ -509,7 +509,7 @@ class Eval(Spec):
     size: int = Field(500, ge=1, description="held-out rows (the built-in task has 500)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description=_FROM_GENERATE.format("max_new_tokens"))
     rule: Optional[RuleFn] = Field(None, description="a response counts as correct when rule(response, row) > 0.5; "
-                                   "default: the Score node's first rule")
+                                   "default: the Score node's first rule, else the built-in data's rule")
     pairs: Optional[str] = Field(None, description="held-out preference pairs (builtin:arith or a jsonl) for the "
                                  "preference accuracy, when the training data are not pairs")
 
