@@ -92,10 +92,6 @@ def default(field: FieldInfo) -> str:
     if field.default is PydanticUndefined:
         return "required" if field.default_factory is None else f"`{json.dumps(field.default_factory())}`"
     value = field.default
-    if isinstance(value, BaseModel):
-        return f"`{type(value).__name__}()`"
-    if callable(value):
-        return f"`{getattr(value, '__name__', value)}`"
     return f"`{json.dumps(value)}`" if isinstance(value, (str, dict, list)) else f"`{value!r}`"
 
 
