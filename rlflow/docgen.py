@@ -23,7 +23,7 @@ from pydantic_core import PydanticUndefined
 
 import rlflow.nodes  # noqa: F401  (registers the shipped variants)
 from rlflow.spec import ADVANTAGES, FILTERS, LOSSES, Generate, RefLogprob, Score, Value
-from rlflow.variants import Variant, VariantKind
+from rlflow.variants import VariantKind
 
 BEGIN, END = "<!-- generated: variants -->", "<!-- end generated -->"
 NODES_MD = Path(__file__).resolve().parent.parent / "docs" / "nodes.md"
