@@ -1,4 +1,4 @@
-"""The ``rlflow`` command: run, validate, graph, compare, list, report.
+"""The ``rlflow`` command: run, validate, graph, compare, list, report, docs.
 
 Bad input (a missing file, a syntax error, an unknown node kind, a wrong parameter type,
 a model path that does not exist, an invalid graph) is one clear message on stderr and
@@ -143,6 +143,31 @@ def cmd_list(args) -> int:
         doc = ast.get_docstring(ast.parse(f.read_text())) or ""
         table.add_row(f.name, doc.strip().splitlines()[0] if doc.strip() else "")
     _console().print(table)
+    return 0
+
+
+def cmd_docs(args) -> int:
+    """The settings tables of every node kind and variant; ``--write`` puts them into
+    docs/nodes.md, ``--check`` exits 1 when that page is out of date."""
+    from rlflow.docgen import NODES_MD, markdown, updated
+
+    path = Path(args.file) if args.file else NODES_MD
+    if not (args.write or args.check):
+        print(markdown(), end="")
+        return 0
+    try:
+        old, new = updated(path)
+    except (OSError, ValueError) as e:
+        raise UserError("RF100", f"{path}: {e}") from None
+    if args.write:
+        if new != old:
+            path.write_text(new)
+        print(f"{path}: {'updated' if new != old else 'up to date'}")
+        return 0
+    if new != old:
+        _console(stderr=True).print(f"{path} is out of date with the code; run: rlflow docs --write", markup=False)
+        return 1
+    print(f"{path}: up to date")
     return 0
 
 
@@ -314,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run")
     rep.add_argument("--samples", type=int, default=8)
     rep.set_defaults(fn=cmd_report)
+
+    d = sub.add_parser("docs", help="the settings tables of every node and variant, read off the code")
+    d.add_argument("--write", action="store_true", help="replace the generated tables in docs/nodes.md")
+    d.add_argument("--check", action="store_true", help="exit 1 if docs/nodes.md is out of date")
+    d.add_argument("--file", help="the page to write or check (default: the repository's docs/nodes.md)")
+    d.set_defaults(fn=cmd_docs)
     return p
 
 
