@@ -453,7 +453,7 @@ class AdvantageRunner(NodeRunner):
     def run(self, batch, ctx) -> dict[str, float]:
         s = self.spec
         mask = batch["response_mask"]
-        kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], s.kl) * mask if s.kl_coef > 0 else None
+        kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], s.kl) * mask if getattr(s, "kl_coef", 0.0) > 0 else None
         x = AdvantageInputs(rewards=batch["rewards"].float(), mask=mask, group=batch["group"], values=batch.get("values"),
                             kl=kl, baseline_rewards=batch.get("baseline_rewards"))
         result = self.variant.fn(x, **self.variant.arguments(s))

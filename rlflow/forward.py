@@ -142,6 +142,32 @@ def _filter_top_k_top_p(scaled_logits: torch.Tensor, top_k: int, top_p: float) -
 # ---------------------------------------------------------------------------------------
 
 
+def _check_sampling(max_new_tokens: int, greedy: bool, temperature: float, top_p: float, top_k: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+
+
+def _forward_last(model, ids, attention, positions, **kw):
+    """One cached forward: (the KV cache, float logits of the last position [B, V])."""
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **kw)
+    return _cache_from(out), out.logits[:, -1, :].float()
+
+
+def _draw(scaled: torch.Tensor, greedy: bool, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """The next token of each row from temperature-scaled logits [B, V]: argmax, or a draw."""
+    if greedy:
+        return scaled.argmax(dim=-1)
+    probs = _filter_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 @dataclass
 class Sampled:
     """A batch of generated responses (ALGORITHMS.md §0.1).
@@ -161,20 +187,9 @@ class Sampled:
 
 
 @torch.no_grad()
-def sample(
-    model,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    greedy: bool = False,
-    eos_token_id: int,
-    pad_token_id: int,
-    generator: torch.Generator | None = None,
-) -> Sampled:
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, top_k: int = 0, greedy: bool = False, eos_token_id: int, pad_token_id: int,
+           generator: torch.Generator | None = None) -> Sampled:
     """Batched autoregressive sampling with a KV cache.
 
     One prefill forward over the left-padded prompts, then one forward of ``[B, 1]`` per
@@ -191,15 +206,7 @@ def sample(
 
     Inputs must already be on the model's device. Runs under ``torch.no_grad``.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    _check_sampling(max_new_tokens, greedy, temperature, top_p, top_k)
     _check_left_padded(prompt_mask)
 
     params = _forward_params(model)
@@ -212,26 +219,14 @@ def sample(
     attention = prompt_mask.long()  # [B, P], grows by one column per step
     first_position = attention.sum(dim=1)  # [B] position id of response token 0
 
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=attention,
-        position_ids=_positions(attention),
-        use_cache=True,
-        **prefill_extra,
-    )
-    cache = _cache_from(out)
-    logits = out.logits[:, -1, :].float()  # [B, V] predicts response token 0
+    cache, logits = _forward_last(model, prompt_ids, attention, _positions(attention), **prefill_extra)  # [B, V]: token 0
 
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
     ids_steps, lp_steps, mask_steps = [], [], []
     for step in range(max_new_tokens):
         scaled = logits / scale  # [B, V]
-        if greedy:
-            token = scaled.argmax(dim=-1)
-        else:
-            probs = _filter_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        token = _draw(scaled, greedy, top_k, top_p, generator)  # [B]
         live = ~done  # rows still generating: this token is theirs (EOS included)
         token = torch.where(live, token, pad)
         lp = torch.where(live, _token_logprob(scaled, token), 0.0)  # full-vocab log-prob
@@ -242,15 +237,8 @@ def sample(
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
-        out = model(
-            input_ids=token.unsqueeze(1),
-            attention_mask=attention,
-            position_ids=(first_position + step).unsqueeze(1),
-            use_cache=True,
-            **{cache_kw: cache},
-        )
-        cache = _cache_from(out)
-        logits = out.logits[:, -1, :].float()
+        cache, logits = _forward_last(model, token.unsqueeze(1), attention, (first_position + step).unsqueeze(1),
+                                      **{cache_kw: cache})
 
     return Sampled(
         response_ids=torch.stack(ids_steps, dim=1),
@@ -311,29 +299,6 @@ def _last_hidden(model, ids, attention, positions) -> torch.Tensor:
     base = getattr(model, "base_model", model)
     out = base(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
     return out.last_hidden_state
-
-
-def response_hidden_states(
-    model,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
-    """``[B, T, H]`` hidden state of the state ``s_t`` each response token is chosen from.
-
-    Entry ``t`` is the last-layer (post final norm) hidden state at column ``P+t-1`` of the
-    prompt+response sequence, the position whose logits predict token ``t``; this is what
-    a value head reads for ``V(s_t)`` (ALGORITHMS.md §0.1 "Values", verl's ``[-T-1:-1]``).
-    Read from ``model.base_model`` (see ``_last_hidden``). Entries on padding are whatever
-    the model computes there; mask them. Carries gradient when grad is enabled.
-    """
-    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
-    n_prompt, n_resp = prompt_ids.shape[1], response_ids.shape[1]
-    # The last response token is never read (no state follows it here): drop it.
-    keep = n_prompt + max(n_resp - 1, 0)
-    hidden = _last_hidden(model, ids[:, :keep], attention[:, :keep], positions[:, :keep])  # [B, P+T-1, H]
-    return hidden[:, n_prompt - 1 : n_prompt - 1 + n_resp, :]
 
 
 def last_token_hidden_state(

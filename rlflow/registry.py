@@ -26,8 +26,12 @@ class UnknownName(KeyError):
 
 
 def _same_definition(old: object, new: object) -> bool:
-    """The same definition executed again (a pipeline file loaded twice), not a clash."""
-    key = lambda o: (getattr(o, "__module__", None), getattr(o, "__qualname__", None))  # noqa: E731
+    """The same definition executed again (a pipeline file loaded twice), not a clash. An
+    entry that wraps a function (a declared variant's ``fn``) is that function's definition."""
+    def key(o: object) -> tuple:
+        o = getattr(o, "fn", o)
+        return getattr(o, "__module__", None), getattr(o, "__qualname__", None)
+
     return key(old) == key(new) and None not in key(old)  # instances have a module but no qualname
 
 

@@ -18,7 +18,6 @@ from rlflow.forward import (
     encode_prompts,
     greedy_accuracy,
     last_token_hidden_state,
-    response_hidden_states,
     response_logprobs,
     sample,
 )
@@ -260,7 +259,7 @@ def test_gradient_flows_through_response_logprobs():
 # ---------------------------------------------------------------------------------------
 
 
-def test_hidden_states_are_the_state_before_each_token():
+def test_last_token_hidden_state_is_read_at_the_last_valid_token():
     model = tiny_llama(eos_bias=1.5)
     ids, mask = left_pad(PROMPTS * 4)
     out = _draw(model, 4, max_new_tokens=8)
@@ -271,24 +270,19 @@ def test_hidden_states_are_the_state_before_each_token():
     with torch.no_grad():
         plain = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions,
                       output_hidden_states=True).hidden_states[-1]  # [B, P+T, H]
-        states = response_hidden_states(model, ids, mask, out.response_ids, out.response_mask)
         last = last_token_hidden_state(model, ids, mask, out.response_ids, out.response_mask)
-    assert states.shape == (B, T, 32) and last.shape == (B, 32)
-    valid = out.response_mask.bool()
-    torch.testing.assert_close(states[valid], plain[:, P - 1 : P + T - 1][valid], atol=1e-5, rtol=0)
-    # the state before token t is not the state at token t
-    assert (states[valid] - plain[:, P : P + T][valid]).abs().max() > 1e-2
+    assert last.shape == (B, 32)
     lengths = out.response_mask.sum(1).long()
     assert lengths.min() < T  # rows of different lengths
     expected_last = plain[torch.arange(B), P + lengths - 1]
     torch.testing.assert_close(last, expected_last, atol=1e-5, rtol=0)
 
 
-def test_hidden_states_carry_gradient():
+def test_last_token_hidden_state_carries_gradient():
     model = tiny_llama()
     ids, mask = left_pad(PROMPTS)
     resp, rmask = torch.full((len(PROMPTS), 3), 5), torch.ones(len(PROMPTS), 3)
-    h = response_hidden_states(model, ids, mask, resp, rmask)
+    h = last_token_hidden_state(model, ids, mask, resp, rmask)
     h.sum().backward()
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
 
