@@ -37,6 +37,8 @@ def check_path(path: str) -> Optional[str]:
         name = path.split(":", 1)[1]
         return None if name in BUILTIN_MODELS else f"unknown built-in model {path!r}; known: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}"
     p = Path(path).expanduser()
+    if p.is_file():
+        return f"model path {path!r} is a file; a model is a directory with a config.json (save_pretrained)"
     if p.exists():
         return None if (p / "config.json").exists() else f"{path!r} is a directory without a config.json (not a saved Hugging Face model)"
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(("/",))
