@@ -255,14 +255,13 @@ def _check_kinds(pipeline: Pipeline, pg: PipelineGraph) -> None:
 
 
 def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
-    """Settings that would be silently ignored: offload without an optimizer to offload, more
-    mini-batches than groups, a phase that trains a frozen model, Eval.pairs on pair data."""
+    """Settings that would be silently ignored: optimizer offload without ZeRO, more
+    mini-batches than groups, a phase that trains a frozen model, a second held-out split."""
     add = pg.problems.append
-    for name, m in pipeline.models.items():
-        if m.offload and (not m.train or m.zero_stage == 0):
-            found = "train=False" if not m.train else "zero_stage=0"
-            add(Problem("RF015", name, "offload", "offload moves the optimizer state to the CPU, which needs a trainable "
-                        "model with ZeRO stage >= 1", "train=True and zero_stage >= 1", found))
+    for name, m in pipeline.models.items():  # (a frozen model has no optimizer: its optimizer settings are moot)
+        if m.offload and m.train and m.zero_stage == 0:
+            add(Problem("RF015", name, "offload", "offload moves the optimizer state to the CPU, which needs ZeRO stage >= 1",
+                        "zero_stage >= 1", "zero_stage=0"))
     groups = max([pipeline.data.batch_size] + [getattr(n, "target_groups", None) or 0 for n in pipeline.nodes])
     if pipeline.mini_batches > groups:
         add(Problem("RF015", "pipeline", "mini_batches", f"{pipeline.mini_batches} mini-batches of whole groups, but a batch "
@@ -272,6 +271,9 @@ def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
             if ref in pipeline.models and not pipeline.models[ref].train:
                 add(Problem("RF015", f"phases[{i}]", "train", f"phase trains model {ref!r}, which is frozen",
                             "a model with train=True", "train=False"))
+    d = pipeline.data
+    if d.eval_source and d.source.startswith("builtin:"):
+        add(Problem("RF015", "data", "eval_source", f"{d.source} has its own held-out split", "eval_source=None", repr(d.eval_source)))
     if pipeline.eval is not None and pipeline.eval.pairs and pipeline.data.kind == "pairs":
         add(Problem("RF015", "eval", "pairs", "the data are Pairs, so evaluation uses their own held-out split",
                     "pairs=None", repr(pipeline.eval.pairs)))

@@ -24,6 +24,7 @@ from rlflow.models import check_path
 from rlflow.spec import DataSource, Pairs, Pipeline
 
 BUILTIN_DATA = ("builtin:arith",)
+_JSON_TYPE = {int: "number", float: "number", bool: "boolean", list: "array", dict: "object", type(None): "null"}
 
 
 class DataError(UserError):
@@ -63,7 +64,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}:{i}: a row is a JSON object, found {type(row).__name__}")
+                    raise DataError(f"{path}:{i}: a row is a JSON object, found a JSON {_JSON_TYPE.get(type(row), 'value')}")
                 yield i, row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -83,7 +84,7 @@ def check_rows(path: str, fields: dict[str, str]) -> None:
                 raise DataError(f"{path}:{i}: the row has no field {name!r} (it has {has}); "
                                 f"{setting}= names the field to read")
             if not isinstance(row[name], str):
-                raise DataError(f"{path}:{i}: field {name!r} is a {type(row[name]).__name__}, not text")
+                raise DataError(f"{path}:{i}: field {name!r} is not text (a JSON {_JSON_TYPE.get(type(row[name]), 'value')})")
     if rows == 0:
         raise DataError(f"{path}: no rows")
 
