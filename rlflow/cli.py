@@ -1,8 +1,11 @@
 """The ``rlflow`` command: run, validate, graph, compare, list, report.
 
 Bad input (a missing file, a syntax error, an unknown node kind, a wrong parameter type,
-a model path that does not exist, an invalid graph) is one clear message on stderr and
-exit code 2, before any model loads. ``--debug`` shows the traceback.
+a model path that does not exist, a malformed data file, an invalid graph, a bad flag or
+run directory) is one clear message on stderr with a stable code (docs/dsl.md) and exit
+code 2, before any model loads. ``validate`` and ``run`` make the same checks
+(:func:`rlflow.inputs.validate`), so a run never rejects at start what validate passed.
+``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -333,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadiest on a busy machine)")
     r.set_defaults(fn=cmd_run)
 
-    v = sub.add_parser("validate", help="static checks only; loads no model")
+    v = sub.add_parser("validate", help="every check that needs no model: the graph, model paths, data files")
     v.add_argument("files", nargs="+")
     v.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter in every file first")
     v.set_defaults(fn=cmd_validate)
