@@ -1,8 +1,11 @@
 """The ``rlflow`` command: run, validate, graph, compare, list, report, docs.
 
 Bad input (a missing file, a syntax error, an unknown node kind, a wrong parameter type,
-a model path that does not exist, an invalid graph) is one clear message on stderr and
-exit code 2, before any model loads. ``--debug`` shows the traceback.
+a model path that does not exist, a malformed data file, an invalid graph, a bad flag or
+run directory) is one clear message on stderr with a stable code (docs/dsl.md) and exit
+code 2, before any model loads. ``validate`` and ``run`` make the same checks
+(:func:`rlflow.inputs.validate`), so a run never rejects at start what validate passed.
+``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ast
 import json
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -29,43 +33,57 @@ def _console(stderr: bool = False) -> Console:
 
 
 def _load_valid(file: str, sets: list[str] = (), *, steps: Optional[int] = None, seed: Optional[int] = None):
-    """Load, override and validate a pipeline file; UserError on any problem."""
-    from rlflow.graph import build
+    """Load, override and validate a pipeline file, its model paths and data; UserError on any problem."""
+    from rlflow.inputs import validate
     from rlflow.view import render_problems
 
-    pipeline = load_pipeline(file)
-    overrides = list(sets)
-    if steps is not None:
-        overrides.append(f"pipeline.steps={steps}")
-    if seed is not None:
-        overrides.append(f"pipeline.seed={seed}")
-    pipeline = apply_overrides(pipeline, overrides)
-    pg = build(pipeline)
+    pipeline = apply_overrides(load_pipeline(file), list(sets))
+    pipeline = _apply_flag(pipeline, "--steps", "steps", steps)
+    pipeline = _apply_flag(pipeline, "--seed", "seed", seed)
+    pg = validate(pipeline)
     if pg.errors:
         text = render_problems(pg.problems, file).plain.rstrip()
         raise UserError(pg.errors[0].code, "invalid pipeline\n" + text)
     return pipeline, pg
 
 
-def _check_inputs(pipeline) -> None:
-    """Cheap existence checks of model paths and data, before anything loads."""
-    from rlflow.data import check_source
-    from rlflow.models import check_path
+def _apply_flag(pipeline, flag: str, field: str, value: Any):
+    """``pipeline`` with ``field = value`` (unchanged for None), checked against the spec's bounds;
+    a bad value is RF111 naming the flag."""
+    from pydantic import ValidationError
 
-    for name, m in pipeline.models.items():
-        why = check_path(m.path)
-        if why:
-            raise UserError("RF107", f"model {name!r}: {why}")
-    why = check_source(pipeline.data)
-    if why:
-        raise UserError("RF108", f"data: {why}")
+    from rlflow.spec import Pipeline
+
+    if value is None:
+        return pipeline
+    try:
+        return Pipeline.model_validate({**dict(pipeline), field: value})
+    except ValidationError as e:
+        raise UserError("RF111", f"{flag} {value}: {e.errors()[0]['msg'].lower()}") from None
+
+
+def _positive(flag: str, value: Optional[int], *, zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not zero)):
+        raise UserError("RF111", f"{flag} {value}: must be {'0 or more' if zero else 'at least 1'}")
+
+
+def _writable_dir(flag: str, out: Path) -> None:
+    """``out`` is, or can be made, a directory this process can write in (RF112)."""
+    if out.exists() and not out.is_dir():
+        raise UserError("RF112", f"{flag} {out}: is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError("RF112", f"{flag} {out}: cannot write there ({e.strerror or e})") from None
 
 
 # --- commands ----------------------------------------------------------------------------------
 
 
 def cmd_validate(args) -> int:
-    from rlflow.graph import build
+    from rlflow.inputs import validate
     from rlflow.view import render_problems
 
     out, err = _console(), _console(stderr=True)
@@ -74,12 +92,12 @@ def cmd_validate(args) -> int:
         if Path(file).name == "__init__.py":  # the package marker of pipelines/, not a pipeline
             continue
         try:
-            pipeline = load_pipeline(file)
+            pipeline = apply_overrides(load_pipeline(file), args.set or [])
         except UserError as e:
             err.print(f"{file}: {e}", markup=False)
             bad += 1
             continue
-        pg = build(pipeline)
+        pg = validate(pipeline)
         if pg.errors:
             err.print(render_problems(pg.problems, file))
             bad += 1
@@ -181,60 +199,115 @@ def _sparkline(values: list[float], width: int = 60) -> str:
     return "".join(blocks[int((v - lo) / (hi - lo) * 7) if hi > lo else 0] for v in pts)
 
 
-def cmd_report(args) -> int:
+def _read_records(path: Path, bad: list[str]) -> list[dict[str, Any]]:
+    """The JSON objects of a run's jsonl file, one per line; each unreadable line is noted in ``bad``."""
+    records = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append(f"{path}:{i}: not valid JSON ({e.msg}; a truncated line?)")
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            records.append(rec)
+        else:
+            bad.append(f"{path}:{i}: not a record (a JSON object with a 'step')")
+    return records
+
+
+def _report_summary(c: Console, run: Path, records: list[dict[str, Any]], bad: list[str]) -> None:
     from rlflow.view import summary_lines, summary_table, timing_table
 
-    run = Path(args.run)
-    metrics = run / "metrics.jsonl"
-    if not metrics.exists():
-        raise UserError("RF109", f"{run}: not a run directory (no metrics.jsonl)")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    c = _console()
     summary_file = run / "summary.json"
+    summary = None
     if summary_file.exists():
-        summary = json.loads(summary_file.read_text())
+        try:
+            summary = json.loads(summary_file.read_text(errors="replace"))
+        except json.JSONDecodeError as e:
+            bad.append(f"{summary_file}: not valid JSON ({e.msg})")
+    if isinstance(summary, dict):
         c.print(summary_table(summary))
         for line in summary_lines(summary):
             c.print(line, markup=False)
     elif records:
         c.print(f"run did not finish: {len(records)} steps recorded", markup=False)
-        c.print(timing_table(records[-1]["nodes"]))
-    rewards = [r["reward/mean"] for r in records if "reward/mean" in r]
+        if isinstance(records[-1].get("nodes"), dict):
+            c.print(timing_table(records[-1]["nodes"]))
+    else:
+        c.print("no steps recorded", markup=False)
+
+
+def cmd_report(args) -> int:
+    """What a run recorded. A line that cannot be read (a run killed mid-write) does not stop
+    the report: every readable record is shown, then the bad lines are reported (RF113, exit 2)."""
+    run = Path(args.run)
+    _positive("--samples", args.samples, zero=True)
+    metrics = run / "metrics.jsonl"
+    if not run.is_dir():
+        raise UserError("RF109", f"{run}: " + ("no such directory" if not run.exists() else "not a run directory (a file)"))
+    if not metrics.is_file():
+        raise UserError("RF109", f"{run}: not a run directory (no metrics.jsonl)")
+    bad: list[str] = []
+    records = _read_records(metrics, bad)
+    c = _console()
+    _report_summary(c, run, records, bad)
+    rewards = [r["reward/mean"] for r in records if isinstance(r.get("reward/mean"), (int, float))]
     if rewards:
         c.print(f"reward  {_sparkline(rewards)}  {rewards[0]:.3f} -> {rewards[-1]:.3f}", markup=False)
     samples = run / "samples.jsonl"
-    if samples.exists():
-        lines = samples.read_text().splitlines()[-args.samples:]
+    if samples.exists() and args.samples:
         c.print("last samples:", markup=False)
-        for line in lines:
-            s = json.loads(line)
-            c.print(f"  step {s['step']}: {s['prompt']!r} -> {s['response']!r}" + (f" (reward {s['reward']:g})" if "reward" in s else ""), markup=False)
+        for s in _read_records(samples, bad)[-args.samples:]:
+            reward = f" (reward {s['reward']:g})" if isinstance(s.get("reward"), (int, float)) else ""
+            c.print(f"  step {s['step']}: {s.get('prompt')!r} -> {s.get('response')!r}{reward}", markup=False)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError("RF113", f"{bad[0]}{more}; what could be read is shown above")
     return 0
 
 
+def _run_dir(args, pipeline) -> Path:
+    """The run directory: ``--resume``'s, ``--out``, or ``runs/<name>-<time>``; checked writable (RF112)."""
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "checkpoints").is_dir():
+            raise UserError("RF109", f"--resume {out}: no checkpoints/ there (set pipeline.save_every to write them)")
+        if args.out and Path(args.out).resolve() != out.resolve():
+            raise UserError("RF111", f"--out {args.out} with --resume {out}: a resumed run continues in its own directory")
+        _writable_dir("--resume", out)
+        return out
+    if args.out:
+        from rlflow import rundir
+
+        out = Path(args.out)
+        if rundir.is_run(out):
+            raise UserError("RF112", f"--out {out}: already holds a run ({', '.join(rundir.RUN_MARKERS)}); continue it "
+                            f"with --resume {out}, or choose another --out")
+        _writable_dir("--out", out)
+        return out
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would pick its own time stamp
+        raise UserError("RF110", "with several processes, name the run directory: --out runs/<name>")
+    from rlflow import rundir
+
+    out = rundir.default_out(pipeline.name)  # a new directory, never another run's
+    _writable_dir("--out (default)", out)
+    return out
+
+
 def cmd_run(args) -> int:
+    _positive("--threads", args.threads)
     pipeline, pg = _load_valid(args.file, args.set or [], steps=args.steps, seed=args.seed)
-    _check_inputs(pipeline)
+    out = _run_dir(args, pipeline)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlflow import rundir
     from rlflow.view import LiveView, render_graph
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    if args.resume:
-        out = Path(args.resume)
-        if not (out / "checkpoints").exists():
-            raise UserError("RF109", f"--resume {out}: no checkpoints/ there (set pipeline.save_every to write them)")
-    elif args.out:
-        out = Path(args.out)
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would pick its own time stamp
-        raise UserError("RF110", "with several processes, name the run directory: --out runs/<name>")
-    else:
-        out = rundir.default_out(pipeline.name)
     lock = rundir.lock(out) if rank0 else None  # held until the process ends
     if args.resume:
         _check_resume_config(out, pg.pipeline, override=args.resume_override)
-    elif rank0:
-        rundir.refuse_existing(out)
     console = _console()
     if rank0 and not args.quiet:
         console.print(render_graph(pg))
@@ -299,8 +372,15 @@ def _quiet_libraries() -> None:
 # --- entry point -------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one UserError (RF111) rather than usage text and exit."""
+
+    def error(self, message: str):
+        raise UserError("RF111", f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlflow", description="RLHF post-training pipelines as small declarative graphs.")
+    p = _Parser(prog="rlflow", description="RLHF post-training pipelines as small declarative graphs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -317,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadiest on a busy machine)")
     r.set_defaults(fn=cmd_run)
 
-    v = sub.add_parser("validate", help="static checks only; loads no model")
+    v = sub.add_parser("validate", help="every check that needs no model: the graph, model paths, data files")
     v.add_argument("files", nargs="+")
+    v.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter in every file first")
     v.set_defaults(fn=cmd_validate)
 
     g = sub.add_parser("graph", help="draw the pipeline's graph")
@@ -359,13 +440,15 @@ def _default_accelerator() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     # DeepSpeed's launcher passes --local_rank; accept and ignore it
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
-    args = build_parser().parse_args(argv)
-    _default_accelerator()
     err = _console(stderr=True)
+    debug = "--debug" in argv  # until the command line is parsed
     try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        _default_accelerator()
         return args.fn(args)
     except UserError as e:
-        if args.debug:
+        if debug:
             traceback.print_exc()
         err.print(f"error: {e}", markup=False)
         return EXIT_USAGE
@@ -373,18 +456,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         err.print("interrupted", markup=False)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages
-        from rlflow.checkpoint import ResumeError
-        from rlflow.data import DataError
-        from rlflow.models import ModelLoadError
-        from rlflow.rundir import RunDirError
-
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        if isinstance(e, (ModelLoadError, DataError, ResumeError, RunDirError)):  # bad input found while loading: no traceback to offer
+        if _is_bad_input(e):  # found while loading: no traceback to offer
             err.print(f"error: {e}", markup=False)
             return EXIT_USAGE
-        err.print(f"error: {type(e).__name__}: {e}" + ("" if args.debug else "\n(run with --debug for the traceback)"), markup=False)
+        err.print(f"error: {type(e).__name__}: {e}" + ("" if debug else "\n(run with --debug for the traceback)"), markup=False)
         return 1
+
+
+def _is_bad_input(e: Exception) -> bool:
+    """A model that cannot be loaded or a checkpoint that cannot be resumed (their modules are
+    only consulted when already imported, so that an error in validate imports no torch)."""
+    found = ((sys.modules.get(m), k) for m, k in (("rlflow.models", "ModelLoadError"), ("rlflow.checkpoint", "ResumeError"),
+                                                  ("rlflow.rundir", "RunDirError")))
+    kinds = tuple(getattr(m, k) for m, k in found if m is not None)
+    return bool(kinds) and isinstance(e, kinds)
 
 
 if __name__ == "__main__":

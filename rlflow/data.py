@@ -8,7 +8,6 @@ restore its position (for exact resume).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,49 +15,24 @@ import torch
 
 from rlflow import builtin
 from rlflow.batch import Batch
-from rlflow.registry import UnknownName
+from rlflow.inputs import DataError, check_source, iter_jsonl  # noqa: F401  (torch-free; re-exported)
 from rlflow.spec import DataSource, Demonstrations, Pairs
-
-
-class DataError(Exception):
-    """Data that cannot be read or lacks a field (reported without a traceback)."""
-
-
-def _check_builtin(spec: DataSource) -> Optional[str]:
-    """Why no registered provider serves ``spec`` (its name, then its kind), or None."""
-    try:
-        provider = builtin.data_provider(spec.source)
-    except UnknownName as e:
-        return str(e)
-    if spec.kind not in provider.kinds:
-        return f"{spec.source} serves no {spec.kind} data; it serves: {', '.join(sorted(provider.kinds))}"
-    return None
-
-
-def check_source(spec: DataSource) -> Optional[str]:
-    """Why the source cannot be read, or None. Cheap: reads no file."""
-    src = spec.source
-    if src.startswith("builtin:"):
-        return _check_builtin(spec)
-    if not Path(src).expanduser().exists():
-        return f"data file {src!r} does not exist"
-    return None
 
 
 def load_rows(spec: DataSource, split: str = "train") -> Optional[list[dict[str, Any]]]:
     """All rows of ``split`` ("train" or "eval") as dicts; None when there is no such split."""
     src = spec.source
     if src.startswith("builtin:"):
-        problem = _check_builtin(spec)
+        problem = check_source(spec)
         if problem:
-            raise DataError(problem)
+            raise DataError(problem, "RF108")
         return builtin.data_provider(src).rows(spec.kind, split)
     path = src if split == "train" else spec.eval_source
     if path is None:
         return None
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"data file {path!r} does not exist")
+        raise DataError(f"data file {path!r} does not exist", "RF108")
     if p.is_dir():
         try:
             import datasets  # optional: only for datasets saved with save_to_disk
@@ -68,15 +42,7 @@ def load_rows(spec: DataSource, split: str = "train") -> Optional[list[dict[str,
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         return [dict(r) for r in ds]
-    rows = []
-    with p.open() as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return rows
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _require(rows: list[dict], fields: list[str], source: str) -> None:
@@ -138,11 +104,7 @@ class DataStream:
         rows = load_rows(spec, "train")
         if not rows:
             raise DataError(f"{spec.source}: no rows")
-        fields = [spec.prompt_field] + {
-            "demonstrations": [getattr(spec, "completion_field", "")],
-            "pairs": [getattr(spec, "chosen_field", ""), getattr(spec, "rejected_field", "")],
-        }.get(spec.kind, [])
-        _require(rows, fields, spec.source)
+        _require(rows, list(spec.text_fields().values()), spec.source)
         self.rows = rows
         self.epoch, self.pos, self.groups_served = 0, 0, 0
         self._order = self._shuffle()

@@ -22,6 +22,7 @@ from typing import Optional
 
 import networkx as nx
 
+from rlflow.node import RUNNERS
 from rlflow.spec import Generate, LossSpec, Node, Pipeline
 
 DATA = "data"
@@ -63,6 +64,9 @@ CODES = {
     "RF010": "node output never read",
     "RF011": "model head does not fit the node",
     "RF012": "Generate missing or ambiguous for a node that needs its settings",
+    "RF013": "pipeline without nodes",
+    "RF014": "node kind without a runner",
+    "RF015": "setting that cannot take effect",
 }
 
 # Columns the engine consumes itself (metrics, samples), so writing them unread is fine.
@@ -150,7 +154,9 @@ def build(pipeline: Pipeline) -> PipelineGraph:
     _add_read_edges(pipeline, pg)
     _order_after_filters(pipeline, pg.graph)
     _check_cycle(pg)
+    _check_kinds(pipeline, pg)
     _check_models(pipeline, pg)
+    _check_settings(pipeline, pg)
     _check_groups(pipeline, pg)
     _check_resolved(pipeline, pg)
     _check_unused(pipeline, pg)
@@ -235,6 +241,42 @@ def _check_unused(pipeline: Pipeline, pg: PipelineGraph) -> None:
                 continue
             if col not in reads and col not in _ENGINE_READS and pg.writer.get(col) == n.name:
                 pg.problems.append(Problem("RF010", n.name, col, f"writes {col!r} that no node reads", severity="warning"))
+
+
+def _check_kinds(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    """A pipeline has nodes, and every node kind has a runner (``@runner(kind)``, rlflow.node)."""
+    if not pipeline.nodes:
+        pg.problems.append(Problem("RF013", "pipeline", "nodes", "the pipeline has no nodes", "at least one node", "[]",
+                                   "list the nodes, e.g. nodes=[Generate(...), Score(...), Advantage(...), Loss(...)]"))
+    for n in pipeline.nodes:
+        if n.kind not in RUNNERS:
+            pg.problems.append(Problem("RF014", n.name, "kind", f"node kind {n.kind!r} has no runner", f"one of {RUNNERS.names()}",
+                                       n.kind, f"register one with @runner({n.kind!r}) from rlflow.node"))
+
+
+def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    """Settings that would be silently ignored: optimizer offload without ZeRO, more
+    mini-batches than groups, a phase that trains a frozen model, a second held-out split."""
+    add = pg.problems.append
+    for name, m in pipeline.models.items():  # (a frozen model has no optimizer: its optimizer settings are moot)
+        if m.offload and m.train and m.zero_stage == 0:
+            add(Problem("RF015", name, "offload", "offload moves the optimizer state to the CPU, which needs ZeRO stage >= 1",
+                        "zero_stage >= 1", "zero_stage=0"))
+    groups = max([pipeline.data.batch_size] + [getattr(n, "target_groups", None) or 0 for n in pipeline.nodes])
+    if pipeline.mini_batches > groups:
+        add(Problem("RF015", "pipeline", "mini_batches", f"{pipeline.mini_batches} mini-batches of whole groups, but a batch "
+                    f"has {groups} groups (data.batch_size)", f"<= {groups}", str(pipeline.mini_batches)))
+    for i, phase in enumerate(pipeline.phases):
+        for ref in phase.train:
+            if ref in pipeline.models and not pipeline.models[ref].train:
+                add(Problem("RF015", f"phases[{i}]", "train", f"phase trains model {ref!r}, which is frozen",
+                            "a model with train=True", "train=False"))
+    d = pipeline.data
+    if d.eval_source and d.source.startswith("builtin:"):
+        add(Problem("RF015", "data", "eval_source", f"{d.source} has its own held-out split", "eval_source=None", repr(d.eval_source)))
+    if pipeline.eval is not None and pipeline.eval.pairs and pipeline.data.kind == "pairs":
+        add(Problem("RF015", "eval", "pairs", "the data are Pairs, so evaluation uses their own held-out split",
+                    "pairs=None", repr(pipeline.eval.pairs)))
 
 
 def _check_models(pipeline: Pipeline, pg: PipelineGraph) -> None:

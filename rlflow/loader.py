@@ -14,7 +14,28 @@ from pydantic import ValidationError
 
 from rlflow.pyfile import import_file
 from rlflow.registry import UnknownName
-from rlflow.spec import Model, Pipeline
+from rlflow.spec import Model, Pipeline, RuleRefError
+
+# The catalogue of the codes of files and command lines (the graph's are rlflow.graph.CODES):
+# the tests assert these, so they never change meaning.
+CODES = {
+    "RF100": "no such pipeline file, or not a .py file or a JSON config",
+    "RF101": "syntax error in the pipeline file",
+    "RF102": "no pipeline object in the file, or several",
+    "RF103": "invalid field: wrong type, out of range, not finite, or unknown",
+    "RF104": "unknown node kind or variant",
+    "RF105": "error while importing the pipeline file",
+    "RF106": "bad --set: syntax, unknown node, model or parameter",
+    "RF107": "model path that cannot name a model",
+    "RF108": "data that does not exist",
+    "RF109": "not a run directory, or one without checkpoints to resume",
+    "RF110": "several processes but no --out",
+    "RF111": "bad command-line argument",
+    "RF112": "unusable run directory (--out)",
+    "RF113": "unreadable line in a run's records",
+    "RF114": "data file that cannot be used as it is",
+    "RF115": "rule reference that cannot be imported",
+}
 
 
 class UserError(Exception):
@@ -28,6 +49,12 @@ class UserError(Exception):
 def _line_in(path: Path, tb) -> str:
     frames = [f for f in traceback.extract_tb(tb) if Path(f.filename).resolve() == path.resolve()]
     return f"{path}:{frames[-1].lineno}" if frames else str(path)
+
+
+def validation_code(err: ValidationError) -> str:
+    """RF115 when a rule reference could not be imported, else RF103."""
+    refs = [e for e in err.errors() if isinstance((e.get("ctx") or {}).get("error"), RuleRefError)]
+    return "RF115" if refs else "RF103"
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -56,7 +83,7 @@ def load_pipeline(file: str | Path) -> Pipeline:
     except SyntaxError as e:
         raise UserError("RF101", f"{path}:{e.lineno}: syntax error: {e.msg}") from e
     except ValidationError as e:
-        raise UserError("RF103", f"{_line_in(path, e.__traceback__)}: invalid {format_validation_error(e)}") from e
+        raise UserError(validation_code(e), f"{_line_in(path, e.__traceback__)}: invalid {format_validation_error(e)}") from e
     except UnknownName as e:
         raise UserError("RF104", f"{_line_in(path, e.__traceback__)}: {e}") from e
     except (ValueError, TypeError) as e:
@@ -89,10 +116,10 @@ def load_config(path: Path) -> Pipeline:
     try:
         return Pipeline.from_config(data)
     except ValidationError as e:
-        raise UserError("RF103", f"{path}: invalid {format_validation_error(e)}") from e
+        raise UserError(validation_code(e), f"{path}: invalid {format_validation_error(e)}") from e
     except UnknownName as e:
         raise UserError("RF104", f"{path}: {e}") from e
-    except (ValueError, TypeError, ImportError) as e:
+    except Exception as e:  # noqa: BLE001 - any other failure of a config is bad input too
         raise UserError("RF105", f"{path}: {type(e).__name__}: {e}") from e
 
 
@@ -106,37 +133,44 @@ def _parse_value(text: str) -> Any:
 def apply_overrides(pipeline: Pipeline, sets: list[str]) -> Pipeline:
     """``--set name.param=value``: a node (by name), a model, ``data`` or ``pipeline``.
 
-    Every override goes through the same validation as the file itself.
+    Every override goes through the same validation as the file itself; an unknown
+    node, model or parameter is RF106 with the known names and the closest one.
     """
     for item in sets:
         target, eq, raw = item.partition("=")
         owner, dot, param = target.partition(".")
-        if not eq or not dot or not param:
+        if not eq or not dot or not owner or not param:
             raise UserError("RF106", f"--set {item!r}: expected NAME.PARAM=VALUE, e.g. generate.n=16")
-        value = _parse_value(raw)
         try:
-            if owner == "pipeline":
-                pipeline = Pipeline.model_validate({**dict(pipeline), param: value})
-            elif owner == "data":
-                d = pipeline.data
-                new = type(d).model_validate({**d.model_dump(), param: value})
-                pipeline = pipeline.model_copy(update={"data": new})
-            elif owner in pipeline.models:
-                models = dict(pipeline.models)
-                models[owner] = Model.model_validate({**models[owner].model_dump(), param: value})
-                pipeline = pipeline.model_copy(update={"models": models})
-            else:
-                node = pipeline.node(owner)
-                if param not in type(node).model_fields:
-                    raise UnknownName(f"parameter of node {owner!r}", param, sorted(type(node).model_fields))
-                fields = {k: getattr(node, k) for k in type(node).model_fields}
-                new = type(node).model_validate({**fields, param: value})
-                pipeline = pipeline.model_copy(update={"nodes": [new if n is node else n for n in pipeline.nodes]})
-            if owner == "pipeline" and param not in Pipeline.model_fields:
-                raise UnknownName("pipeline parameter", param, sorted(Pipeline.model_fields))
+            pipeline = _override(pipeline, owner, param, _parse_value(raw))
         except ValidationError as e:
-            raise UserError("RF103", f"--set {item!r}: invalid {format_validation_error(e)}") from e
+            raise UserError(validation_code(e), f"--set {item!r}: invalid {format_validation_error(e)}") from e
         except UnknownName as e:
             known = f"; models: {', '.join(pipeline.models)}; or 'data', 'pipeline'" if e.what == "node" else ""
             raise UserError("RF106", f"--set {item!r}: {e}{known}") from e
     return pipeline
+
+
+def _known(what: str, param: str, fields) -> None:
+    if param not in fields:
+        raise UnknownName(what, param, sorted(fields))
+
+
+def _override(pipeline: Pipeline, owner: str, param: str, value: Any) -> Pipeline:
+    """``pipeline`` with ``owner.param = value``, validated."""
+    if owner == "pipeline":
+        _known("pipeline parameter", param, Pipeline.model_fields)
+        return Pipeline.model_validate({**dict(pipeline), param: value})
+    if owner == "data":
+        d = pipeline.data
+        _known(f"parameter of data ({type(d).__name__})", param, type(d).model_fields)
+        return pipeline.model_copy(update={"data": type(d).model_validate({**d.model_dump(), param: value})})
+    if owner in pipeline.models:
+        _known(f"parameter of model {owner!r}", param, Model.model_fields)
+        models = {**pipeline.models, owner: Model.model_validate({**pipeline.models[owner].model_dump(), param: value})}
+        return pipeline.model_copy(update={"models": models})
+    node = pipeline.node(owner)
+    _known(f"parameter of node {owner!r}", param, type(node).model_fields)
+    fields = {k: getattr(node, k) for k in type(node).model_fields}
+    new = type(node).model_validate({**fields, param: value})
+    return pipeline.model_copy(update={"nodes": [new if n is node else n for n in pipeline.nodes]})

@@ -37,6 +37,8 @@ def check_path(path: str) -> Optional[str]:
             return str(e)
         return None
     p = Path(path).expanduser()
+    if p.is_file():
+        return f"model path {path!r} is a file; a model is a directory with a config.json (save_pretrained)"
     if p.exists():
         return None if (p / "config.json").exists() else f"{path!r} is a directory without a config.json (not a saved Hugging Face model)"
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(("/",))

@@ -20,6 +20,7 @@ Column levels:
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, SerializationInfo,
@@ -40,6 +41,11 @@ class Spec(BaseModel):
 # --- rule functions ----------------------------------------------------------------------
 
 
+class RuleRefError(ValueError):
+    """A rule named by reference (``package.module:function`` or ``file.py:function``, as in
+    config.json) that cannot be imported: a field error of code RF115."""
+
+
 def import_callable(ref: Any) -> Any:
     """A callable, or a reference to one as written in config.json: ``package.module:function``
     or ``path/to/pipeline.py:function`` (a rule defined inside a pipeline file)."""
@@ -47,16 +53,25 @@ def import_callable(ref: Any) -> Any:
         return ref
     where, _, attr = ref.rpartition(":")
     if not where or not attr:
-        raise ValueError(f"a rule given by name must look like 'package.module:function' or 'file.py:function', got {ref!r}")
+        raise RuleRefError(f"a rule given by name must look like 'package.module:function' or 'file.py:function', got {ref!r}")
     if "<" in attr:
-        raise ValueError(f"the rule {ref!r} was a lambda or a function defined inside another one; only functions "
-                         "defined at module level can be named in config.json")
-    obj = import_file(where, fresh=False) if where.endswith(".py") else importlib.import_module(where)
+        raise RuleRefError(f"the rule {ref!r} was a lambda or a function defined inside another one; only functions "
+                           "defined at module level can be named in config.json")
+    obj = _import_module_of(where, ref)
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{where} has no {attr!r} (from the rule reference {ref!r})")
+            raise RuleRefError(f"{where} has no {attr!r} (from the rule reference {ref!r})")
         obj = getattr(obj, part)
     return obj
+
+
+def _import_module_of(where: str, ref: str) -> Any:
+    if where.endswith(".py") and not Path(where).is_file():
+        raise RuleRefError(f"the rule {ref!r} names the file {where!r}, which does not exist")
+    try:
+        return import_file(where, fresh=False) if where.endswith(".py") else importlib.import_module(where)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - whatever the module raised, reported with the reference
+        raise RuleRefError(f"the rule {ref!r} cannot be imported: {type(e).__name__}: {e}") from e
 
 
 def callable_ref(fn: Callable) -> str:
@@ -131,6 +146,10 @@ class DataSource(Spec):
     def writes(self) -> dict[str, Level]:
         return {"prompt": "text", "answer": "text", "prompt_ids": "prompt", "prompt_mask": "prompt", "group": "seq"}
 
+    def text_fields(self) -> dict[str, str]:
+        """The text fields every row must have: setting -> field name (``{"prompt_field": "prompt"}``)."""
+        return {"prompt_field": self.prompt_field}
+
 
 class Prompts(DataSource):
     """Prompts with reference answers: ``builtin:arith``, a ``.jsonl`` file or a saved ``datasets`` dataset."""
@@ -147,6 +166,9 @@ class Demonstrations(DataSource):
     prompt_field: str = "prompt"
     completion_field: str = "completion"
 
+    def text_fields(self) -> dict[str, str]:
+        return {**super().text_fields(), "completion_field": self.completion_field}
+
     def writes(self) -> dict[str, Level]:
         return {**super().writes(), "response_ids": "token", "response_mask": "token", "response": "text"}
 
@@ -158,6 +180,9 @@ class Pairs(DataSource):
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
+
+    def text_fields(self) -> dict[str, str]:
+        return {**super().text_fields(), "chosen_field": self.chosen_field, "rejected_field": self.rejected_field}
 
     def writes(self) -> dict[str, Level]:
         return {**super().writes(), "response_ids": "token", "response_mask": "token", "response": "text", "chosen": "seq"}
