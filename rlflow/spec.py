@@ -391,7 +391,9 @@ class Value(ModelNode):
 
 # --- kinds with variants: the base specs; each variant's spec is made from its function ------
 
-KlEstimator = Literal["k1", "k2", "k3"]
+# Schulman's per-token KL estimators and verl's |d| (ALGORITHMS.md §0.3); the one list of them:
+# Advantage's ``kl`` field here, the Loss variants' ``kl`` setting and masked.kl_estimate use it.
+KlEstimator = Literal["k1", "k2", "k3", "abs"]
 
 
 class _VariantNode(Node, Declared):

@@ -225,6 +225,8 @@ KL_CASES = [
     ("k3", 0.5, 0.1 * 0.10653065971263342, 0.1 * 0.3934693402873666),  # k3 = e^-0.5 - 1 + 0.5, dk/dd = 1 - e^-0.5
     ("k3", -15.0, 0.1 * 10.0, 0.0),  # e^15 - 1 - 15 = 3.27e6, clamped to 10: no gradient
     ("k3", -25.0, 0.1 * 10.0, 0.0),  # -d clamped to 20 before exp, then to 10
+    ("abs", 0.5, 0.1 * 0.5, 0.1 * 1.0),  # |d| = 0.5, d|d|/dd = sign(d) = 1
+    ("abs", -0.5, 0.1 * 0.5, 0.1 * -1.0),  # |d| = 0.5, sign(d) = -1: pulled up towards lp_ref
 ]
 
 
@@ -244,6 +246,21 @@ def test_kl_in_loss(est, d, loss, dlp):
     assert term.metrics["loss/kl"] == pytest.approx(loss, abs=1e-12)
     assert term.metrics["kl/mean"] == pytest.approx(loss / 0.1, abs=1e-12)
     assert term.metrics["loss/pg"] == 0.0
+
+
+def test_kl_estimators_are_listed_once():
+    # spec.KlEstimator (Advantage's kl field) is the list; masked and every Loss variant use it
+    import rlflow.nodes.masked as masked
+    import rlflow.spec as spec
+
+    assert masked.KlEstimator is spec.KlEstimator and masked.KL_ESTIMATORS == ("k1", "k2", "k3", "abs")
+    for est in masked.KL_ESTIMATORS:  # every listed estimator is implemented
+        masked.kl_estimate(t([0.3]), t([0.1]), est)
+    with pytest.raises(ValueError, match="expected one of k1, k2, k3, abs"):
+        masked.kl_estimate(t([0.3]), t([0.1]), "k4")
+    # and the specs accept the whole list: KL in the reward (Advantage) and in the loss
+    assert spec.Advantage("group_norm", kl="abs", kl_coef=0.1).kl == "abs"
+    assert Loss("clip", kl="abs", kl_coef=0.1).kl == "abs"
 
 
 @pytest.mark.parametrize("agg,expected", [("token-mean", 1.6 / 3), ("seq-mean-token-mean", 0.65)])
