@@ -479,7 +479,9 @@ def _response_mask(cols, params):
     return cols["response_mask"]
 
 
-LOSSES = LossSpec.variants = VariantKind("loss", LossSpec, mask=_response_mask)
+# facts of a Loss variant: ``mask`` (its token mask, from the batch and its settings) and
+# ``entropy`` (a policy loss: the runner also computes the policy's per-token entropy)
+LOSSES = LossSpec.variants = VariantKind("loss", LossSpec, mask=_response_mask, entropy=False)
 FILTERS = FilterSpec.variants = VariantKind("filter", FilterSpec, group_based=False, drops_rows=True, refills=False)
 advantage_variant = ADVANTAGES.declare
 loss_variant = LOSSES.declare
