@@ -237,7 +237,7 @@ def clip(
 
 
 @loss_variant(needs="logprobs", reads=_pg_reads, entropy=True,
-              coefficient="A_i·s_i/|y_i|·1[s_i inside the clip where it binds], s_i the sequence ratio")
+              coefficient="A_i·s_i·1[s_i inside the clip where it binds], s_i the sequence ratio")
 def gspo(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -264,8 +264,9 @@ def gspo(
     and ∇s_i = s_i (1/|y_i|) Σ_t ∇lp_t. (It holds in every aggregation mode, whose weights
     are constant within a row; only seq-mean-token-mean weighs sequences as the paper does.)
     The clip is decided once per sequence, so it binds for all its tokens or for none.
-    Defaults: ε_low = 3e-4, ε_high = 4e-4 (the paper's ranges, also verl's recipe);
-    agg = seq-mean-token-mean (the paper; verl's gspo forces it).
+    Defaults: ε_low = 3e-4, ε_high = 4e-4 (the clipping ranges the paper sets; tiny because
+    s_i is a per-token geometric mean); agg = seq-mean-token-mean (the paper's 1/G Σ_i;
+    verl's gspo forces it whatever loss_agg_mode says).
 
     Departures: A_i is the masked mean of the row's token advantages, so a token-level
     advantage (GAE) is averaged to one per sequence; verl uses A_{i,t} per token (the
