@@ -18,8 +18,9 @@ Metrics (floats, over every valid token of the batch, all ranks):
     returns/mean, returns/std             critic targets (gae only)
     advantages/lambda_actor_mean          mean per-sequence λ_actor over non-empty rows (gae with length_alpha)
     rewards/kl_penalty                    mean over rows of kl_coef·Σ_t m k (only when kl_coef > 0)
+    advantages/gpg_alpha                  gpg's α = B'/M, non-empty rows over those with a non-zero advantage
 
-Group statistics (group_norm, group_center, rloo) are taken over the rows of this call:
+Group statistics (group_norm, group_center, rloo, opo, gpg) are taken over the rows of this call:
 every response of a prompt must be in the same call (the engine keeps groups whole).
 A row with an empty mask keeps its score in its group's statistics and gets advantage 0.
 """
@@ -109,12 +110,10 @@ class GroupStats(NamedTuple):
     loo_mean: torch.Tensor  # mean of the OTHER rows of the group (leave-one-out)
 
 
-def group_mean_std(values: torch.Tensor, group: torch.Tensor, variant: str = "group statistics") -> GroupStats:
-    """Group mean, Bessel std and leave-one-out mean of ``values`` [B] per ``group`` [B].
+def _groups(group: torch.Tensor, values: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group ids [G], each row's group index [B], group sizes [G] and each group's first
+    row's value [G] (the shift that makes sums over a group of equal values exact).
 
-    Vectorised with ``index_add_``; group ids need be neither contiguous nor 0..G-1.
-    Each group is shifted by its first value before summing, so a group of equal values
-    gives a mean equal to that value and a std of exactly 0 (not rounding noise).
     A group of size 1 has no baseline and raises ValueError naming it (Part A §4).
     """
     ids, inv = torch.unique(group, return_inverse=True)  # [G], [B] in 0..G-1
@@ -127,10 +126,21 @@ def group_mean_std(values: torch.Tensor, group: torch.Tensor, variant: str = "gr
             f"{variant}: group(s) {named} have a single response; a group needs at least 2 "
             f"responses per prompt for a baseline (ALGORITHMS.md Part A §4)"
         )
-    # shift each group by its first row: exact zeros for equal values, less cancellation
     rows = torch.arange(b, device=values.device)
     first = torch.full((n_groups,), b, device=values.device).scatter_reduce_(0, inv, rows, reduce="amin")  # [G]
-    shift = values[first]  # [G]
+    return ids, inv, size, values[first]
+
+
+def group_mean_std(values: torch.Tensor, group: torch.Tensor, variant: str = "group statistics") -> GroupStats:
+    """Group mean, Bessel std and leave-one-out mean of ``values`` [B] per ``group`` [B].
+
+    Vectorised with ``index_add_``; group ids need be neither contiguous nor 0..G-1.
+    Each group is shifted by its first value before summing, so a group of equal values
+    gives a mean equal to that value and a std of exactly 0 (not rounding noise).
+    A group of size 1 has no baseline and raises ValueError naming it (Part A §4).
+    """
+    # shift each group by its first row: exact zeros for equal values, less cancellation
+    _, inv, size, shift = _groups(group, values, variant)  # [B], [G], [G]
     d = values - shift[inv]  # [B]
     d_sum = torch.zeros_like(shift).index_add_(0, inv, d)  # [G]
     mean_d = d_sum / size  # [G]
@@ -140,6 +150,22 @@ def group_mean_std(values: torch.Tensor, group: torch.Tensor, variant: str = "gr
     n = size[inv]  # [B]
     loo_mean = shift[inv] + (d_sum[inv] - d) / (n - 1)  # [B] (Σ_g R - R_i)/(n-1)
     return GroupStats(mean=shift[inv] + mean_d[inv], std=std[inv], size=n, loo_mean=loo_mean)
+
+
+def group_weighted_mean(values: torch.Tensor, weights: torch.Tensor, group: torch.Tensor,
+                        variant: str = "group statistics") -> torch.Tensor:
+    """Each row's group mean of ``values`` [B] weighted by ``weights`` [B] ≥ 0: ``Σ_g w v / Σ_g w``, [B].
+
+    Shifted by the group's first value like :func:`group_mean_std`, so a group of equal
+    values gives exactly that value. A group whose weights sum to 0 gets its first value.
+    A group of size 1 raises ValueError naming it (Part A §4).
+    """
+    _, inv, _, shift = _groups(group, values, variant)  # [B], [G]
+    d = values - shift[inv]  # [B]
+    num = torch.zeros_like(shift).index_add_(0, inv, weights * d)  # [G] Σ w (v - shift)
+    den = torch.zeros_like(shift).index_add_(0, inv, weights)  # [G] Σ w
+    mean_d = torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), 0.0)  # [G]
+    return shift[inv] + mean_d[inv]  # [B]
 
 
 def discounted_cumsum(x: torch.Tensor, mask: torch.Tensor, discount: float | torch.Tensor) -> torch.Tensor:
@@ -411,6 +437,70 @@ def rloo(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> 
     score = sequence_rewards(x.rewards.to(_dtype(x)), x.mask, x.kl, kl_coef)  # [B]
     st = group_mean_std(score, x.group, "rloo")
     return _finish(_broadcast(score - st.loo_mean, x.mask), x, whiten, kl_coef)
+
+
+@advantage_variant(group_based=True, coefficient="A = R - Σ_g l R / Σ_g l (length-weighted group mean)")
+@no_grad
+def opo(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> AdvantageResult:
+    """OPO, On-Policy RL with Optimal reward baseline (Hao et al. 2025, arXiv 2505.23585), as
+    verl's ``opo`` estimator: the length-weighted group mean as baseline.
+
+        l_i = Σ_t m_{i,t}                                    response length (tokens)
+        b_g = Σ_{j∈g} l_j R_j / Σ_{j∈g} l_j
+        A_i = R_i - b_{g(i)}                                 broadcast to every valid token
+
+    The variance-minimising baseline is E[‖∇log π(y)‖² R] / E[‖∇log π(y)‖²]; the paper
+    approximates ‖∇log π(y)‖² by the length |y|, which gives b_g. With equal lengths it is
+    :func:`group_center` (Dr. GRPO).
+
+    Departures and choices: a group of size 1 raises (verl gives it the baseline 0, A = R).
+    An empty response has weight 0 in its group's baseline (and no tokens); a group of only
+    empty responses gets its first score as baseline (it has no tokens either). The paper's
+    other half, strictly on-policy training (one gradient step per batch), is the
+    pipeline's setting (ppo_epochs = mini_batches = 1), not this node's. With
+    ``kl_coef > 0`` a sequence KL ``β·Σ_t m k`` is subtracted from R before the baseline.
+    """
+    _check(x, "opo", frozenset(), kl_coef, whiten)
+    score = sequence_rewards(x.rewards.to(_dtype(x)), x.mask, x.kl, kl_coef)  # [B]
+    lengths = (x.mask > 0).to(score.dtype).sum(-1)  # [B] l_i
+    baseline = group_weighted_mean(score, lengths, x.group, "opo")  # [B] b_{g(i)}
+    return _finish(_broadcast(score - baseline, x.mask), x, whiten, kl_coef)
+
+
+@advantage_variant(group_based=True, coefficient="A = (R - mean_g R) · B'/M, M rows with A ≠ 0")
+@no_grad
+def gpg(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> AdvantageResult:
+    """GPG, Group Policy Gradient (Chu et al. 2025, arXiv 2504.02546): the group-centred
+    advantage, rescaled so that rows without a learning signal do not dilute the batch.
+
+        Â_i = R_i - mean_{g(i)} R                         (F_norm = 1: no std)
+        α   = B' / M                                      over the whole batch, all ranks
+        A_i = α · Â_i                                     broadcast to every valid token
+
+    B' counts the rows with a non-empty response and M those of them whose Â_i ≠ 0 (e.g.
+    every row of a group whose rewards are all equal has Â = 0 and no gradient). Mean-type
+    loss aggregations divide by all B' rows; α turns that into a mean over the M rows that
+    carry a gradient (the paper's "accurate gradient estimation", α = B/(B - M_invalid)).
+    α = 1 when M = 0 (every advantage is 0 then). GPG's loss is the plain ``pg`` Loss
+    (-A·lp, no ratio, no clip).
+
+    Departures and choices: α counts non-empty rows only, so an empty response (e.g. masked
+    by an overlong filter) is neither signal nor dilution; verl's ``gpg`` instead divides the
+    batch size by the number of non-zero *rewards* (not advantages), which differs, e.g.
+    with 0/1 rewards it counts the correct answers. The paper's option of dividing Â by the
+    group std (F_norm = std) is not offered: ``group_norm`` is that without α. A group of
+    size 1 raises (verl gives it mean 0, std 1). With ``kl_coef > 0`` a sequence KL
+    ``β·Σ_t m k`` is subtracted from R before the mean. Logs advantages/gpg_alpha.
+    """
+    _check(x, "gpg", frozenset(), kl_coef, whiten)
+    score = sequence_rewards(x.rewards.to(_dtype(x)), x.mask, x.kl, kl_coef)  # [B]
+    centred = score - group_mean_std(score, x.group, "gpg").mean  # [B] Â_i (exactly 0 for equal rewards)
+    nonempty = (x.mask > 0).any(-1)  # [B]
+    n_rows, n_signal = all_reduce_sum(torch.stack([nonempty.sum(), (nonempty & (centred != 0)).sum()]).to(torch.float64)).tolist()
+    alpha = n_rows / n_signal if n_signal > 0 else 1.0
+    out = _finish(_broadcast(alpha * centred, x.mask), x, whiten, kl_coef)
+    out.metrics["advantages/gpg_alpha"] = alpha
+    return out
 
 
 @advantage_variant(reads={"baseline_rewards": "seq"}, coefficient="A = R - R(greedy response)")

@@ -4,7 +4,10 @@ A variant is ``fn(cols, counts, **params) -> LossTerm``:
 
 * ``cols`` holds the micro-batch's batch columns plus the model output the variant
   ``needs``: ``logprobs`` [B,T] (π_θ at the sampling temperature, grad, 0 on padding),
-  ``new_values`` [B,T] (critic, grad) or ``scores`` [B] (reward model, grad).
+  ``new_values`` [B,T] (critic, grad) or ``scores`` [B] (reward model, grad). A policy
+  loss (declared ``entropy=True``) also gets ``entropy`` [B,T]: the entropy of π_θ(·|s_t)
+  over the vocabulary at each response token, from the same logits as ``logprobs`` (0 on
+  padding; with gradient only when its ``entropy_coef`` > 0).
 * ``counts`` are the denominators of the whole MINI-batch (every micro-batch, every rank),
   computed once by the engine with :func:`masked.count` over the variant's ``mask``.
 
@@ -83,7 +86,16 @@ def _by_pair(x: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.
     return w, l
 
 
-# --- policy gradient: PPO clip, clip-higher, dual-clip, KL in the loss ---------------
+# --- policy gradient: the plumbing every policy loss shares ----------------------------
+#
+# A policy loss computes its own per-token term ``pg`` [B,T]; :func:`_policy_term` adds
+# the KL in the loss and the entropy bonus, aggregates with the mini-batch counts and
+# logs what every policy loss logs. Every policy loss is declared with ``entropy=True``:
+# the runner then computes the policy's entropy at each response token from the same
+# forward as the log-probs (``cols["entropy"]``, with gradient only when entropy_coef > 0).
+
+EntropyCoef = Annotated[float, Field(ge=0, description="weight c of the entropy bonus, ℓ -= c·H per token (0: off)")]
+MaybePositive = Annotated[Optional[float], Field(gt=0)]
 
 
 def _pg_reads(spec) -> dict[str, str]:
@@ -91,7 +103,63 @@ def _pg_reads(spec) -> dict[str, str]:
     return {**out, "ref_logprobs": "token"} if spec.kl_coef > 0 else out
 
 
-@loss_variant(needs="logprobs", reads=_pg_reads, coefficient="A·ρ·1[ρ inside the clip where it binds]")
+def _log_ratio(cols: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """log ρ = lp - lp_old, clamped to ±20 before any exp (verl, OpenRLHF; Part A §7). [B,T], grad."""
+    return (cols["logprobs"] - cols["old_logprobs"]).clamp(-20.0, 20.0)
+
+
+def _ppo_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's ``ppo_kl``: the masked mean of lp_old - lp (k1 of the old vs the current policy)."""
+    return masked_mean(-log_ratio.detach(), mask)
+
+
+def _policy_term(
+    pg: torch.Tensor,
+    cols: Mapping[str, torch.Tensor],
+    counts: Counts,
+    *,
+    kl_coef: float,
+    kl: str,
+    entropy_coef: float,
+    agg: str,
+    metrics: dict[str, torch.Tensor],
+) -> LossTerm:
+    """The rest of every policy loss, ALGORITHMS.md §0.3 placement 2, §0.4, §1.4.
+
+        ℓ    = pg + kl_coef · k(lp, lp_ref) - entropy_coef · H       per token
+        loss = aggregate(ℓ, mask, agg) with the mini-batch counts
+
+    ``metrics`` are the variant's own (ratio, clip or gate fractions, ppo_kl); this adds
+    loss/pg, entropy/mean (always), loss/kl and loss/entropy (when on) and kl/mean
+    (whenever ref_logprobs are in the batch).
+    """
+    lp = cols["logprobs"]  # [B,T] grad
+    mask = cols["response_mask"]  # [B,T]
+    entropy = cols["entropy"]  # [B,T] H(π_θ(·|s_t)); grad only when entropy_coef > 0
+    per_token = pg
+    if kl_coef > 0.0:
+        k = kl_estimate(lp, cols["ref_logprobs"], kl)  # [B,T] grad through lp_θ (§0.3 placement 2)
+        per_token = per_token + kl_coef * k
+    if entropy_coef > 0.0:
+        per_token = per_token - entropy_coef * entropy  # a bonus: minimising ℓ raises H
+    loss = aggregate(per_token, mask, agg, counts)
+
+    with torch.no_grad():
+        local = _local_counts(mask, counts.constant)
+        m = {"loss/pg": aggregate(pg, mask, agg, local), **metrics, "entropy/mean": masked_mean(entropy, mask)}
+        if kl_coef > 0.0:
+            m["loss/kl"] = aggregate(kl_coef * k, mask, agg, local)
+        if entropy_coef > 0.0:
+            m["loss/entropy"] = aggregate(-entropy_coef * entropy, mask, agg, local)
+        if "ref_logprobs" in cols:
+            m["kl/mean"] = masked_mean(kl_estimate(lp, cols["ref_logprobs"], kl), mask)
+        return LossTerm(loss, _floats(m))
+
+
+# --- PPO clip, clip-higher, dual-clip ---------------------------------------------------
+
+
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, coefficient="A·ρ·1[ρ inside the clip where it binds]")
 def clip_higher(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -101,6 +169,7 @@ def clip_higher(
     dual_clip: DualClip = None,
     kl_coef: KlCoef = 0.0,
     kl: KlEstimator = "k3",
+    entropy_coef: EntropyCoef = 0.0,
     agg: AggMode = "token-mean",
 ) -> LossTerm:
     """PPO clipped surrogate with asymmetric bounds (DAPO clip-higher), ALGORITHMS.md §0.2, §7.2.
@@ -108,20 +177,23 @@ def clip_higher(
         ρ   = exp(clamp(lp - lp_old, -20, 20))
         L   = max(-A ρ, -A clip(ρ, 1-ε_low, 1+ε_high))
         L   = min(L, -c A)  where A < 0, if dual_clip = c  (Ye et al. 2019)
-        ℓ   = L + kl_coef · k(lp, lp_ref)                  (KL in the loss, §0.3 / §4.2)
+        ℓ   = L + kl_coef · k(lp, lp_ref) - entropy_coef · H   (KL in the loss §0.3 / §4.2; bonus §1.4)
         loss = aggregate(ℓ, mask, agg) with the mini-batch counts (§0.4, Part A §3)
 
     ``clip`` is this with ε_low = ε_high = eps. Departures: the log-ratio is clamped to ±20
-    (verl, OpenRLHF; not in the papers); k3 is clamped to ±10 (verl). No entropy bonus.
-    clip_frac counts tokens where the clipped branch is strictly larger (its gradient is
-    zero); dual_clip_frac counts tokens where the dual bound -cA is the one taken.
+    (verl, OpenRLHF; not in the papers); k3 is clamped to ±10 (verl). H is the entropy of
+    π_θ(·|s_t) over the whole vocabulary at the sampling temperature, aggregated like the
+    loss (verl aggregates it with the loss's mode too). clip_frac counts tokens where the
+    clipped branch is strictly larger (its gradient is zero); dual_clip_frac counts tokens
+    where the dual bound -cA is the one taken; ppo_kl is the masked mean of lp_old - lp.
     """
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be a constant c > 1 (ALGORITHMS.md §0.2), got {dual_clip}")
     lp = cols["logprobs"]  # [B,T] grad
     mask = cols["response_mask"]  # [B,T]
     adv = cols["advantages"]  # [B,T]
-    ratio = torch.exp((lp - cols["old_logprobs"]).clamp(-20.0, 20.0))  # [B,T]
+    log_ratio = _log_ratio(cols)  # [B,T]
+    ratio = torch.exp(log_ratio)  # [B,T]
     unclipped = -adv * ratio  # [B,T]
     clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # [B,T]
     pg = torch.maximum(unclipped, clipped)  # [B,T]
@@ -129,30 +201,18 @@ def clip_higher(
         pg_dual = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)  # [B,T]
     else:
         pg_dual = pg
-    per_token = pg_dual
-    if kl_coef > 0.0:
-        k = kl_estimate(lp, cols["ref_logprobs"], kl)  # [B,T] grad through lp_θ (§0.3 placement 2)
-        per_token = per_token + kl_coef * k
-    loss = aggregate(per_token, mask, agg, counts)
-
     with torch.no_grad():
-        local = _local_counts(mask, counts.constant)
         m = {
-            "loss/pg": aggregate(pg_dual, mask, agg, local),
             "clip_frac": masked_mean((clipped > unclipped).to(lp.dtype), mask),
             "ratio/mean": masked_mean(ratio, mask),
+            "ppo_kl": _ppo_kl(log_ratio, mask),
         }
         if dual_clip is not None:
             m["dual_clip_frac"] = masked_mean((pg_dual < pg).to(lp.dtype), mask)
-        if kl_coef > 0.0:
-            m["loss/kl"] = aggregate(kl_coef * k, mask, agg, local)
-        if "ref_logprobs" in cols:
-            m["kl/mean"] = masked_mean(kl_estimate(lp, cols["ref_logprobs"], kl), mask)
-        metrics = _floats(m)
-    return LossTerm(loss, metrics)
+    return _policy_term(pg_dual, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=m)
 
 
-@loss_variant(needs="logprobs", reads=_pg_reads, coefficient="A·ρ·1[ρ inside the clip where it binds]")
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, coefficient="A·ρ·1[ρ inside the clip where it binds]")
 def clip(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -161,6 +221,7 @@ def clip(
     dual_clip: DualClip = None,
     kl_coef: KlCoef = 0.0,
     kl: KlEstimator = "k3",
+    entropy_coef: EntropyCoef = 0.0,
     agg: AggMode = "token-mean",
 ) -> LossTerm:
     """PPO clipped surrogate, symmetric ε (Schulman et al. 2017), ALGORITHMS.md §0.2, §1.4, §4.2.
@@ -168,7 +229,223 @@ def clip(
     :func:`clip_higher` with ε_low = ε_high = eps; see it for the formula and departures.
     With kl_coef > 0, kl="k3" and agg="seq-mean-token-mean" it is the GRPO objective.
     """
-    return clip_higher(cols, counts, eps_low=eps, eps_high=eps, dual_clip=dual_clip, kl_coef=kl_coef, kl=kl, agg=agg)
+    return clip_higher(cols, counts, eps_low=eps, eps_high=eps, dual_clip=dual_clip, kl_coef=kl_coef, kl=kl,
+                       entropy_coef=entropy_coef, agg=agg)
+
+
+# --- GSPO: one ratio per sequence -----------------------------------------------------------
+
+
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True,
+              coefficient="A_i·s_i·1[s_i inside the clip where it binds], s_i the sequence ratio")
+def gspo(
+    cols: Mapping[str, torch.Tensor],
+    counts: Counts,
+    *,
+    eps_low: Positive = 3e-4,
+    eps_high: Positive = 4e-4,
+    kl_coef: KlCoef = 0.0,
+    kl: KlEstimator = "k3",
+    entropy_coef: EntropyCoef = 0.0,
+    agg: AggMode = "seq-mean-token-mean",
+) -> LossTerm:
+    """GSPO, Group Sequence Policy Optimization (Zheng et al. 2025, arXiv 2507.18071), in its
+    GSPO-token form (the paper's eq. for s_{i,t}), as verl's ``gspo`` policy loss.
+
+        s_i     = exp( (1/|y_i|) Σ_t (lp_{i,t} - lp_old_{i,t}) )     length-normalised sequence ratio
+        s_{i,t} = sg[s_i] · π_θ(y_{i,t}) / sg[π_θ(y_{i,t})]           value s_i, gradient through each token
+        A_i     = (1/|y_i|) Σ_t A_{i,t}                               the row's advantage (masked mean)
+        L_{i,t} = max(-A_i s_{i,t}, -A_i clip(s_{i,t}, 1-ε_low, 1+ε_high))
+        ℓ       = L + kl_coef · k(lp, lp_ref) - entropy_coef · H
+        loss    = aggregate(ℓ, mask, agg),  agg = seq-mean-token-mean by default
+
+    With seq-mean-token-mean this is the paper's sequence objective -(1/G) Σ_i min(s_i A_i,
+    clip(s_i) A_i): every token of row i has the value s_i and the gradient -A_i s_i ∇lp_t,
+    and ∇s_i = s_i (1/|y_i|) Σ_t ∇lp_t. (It holds in every aggregation mode, whose weights
+    are constant within a row; only seq-mean-token-mean weighs sequences as the paper does.)
+    The clip is decided once per sequence, so it binds for all its tokens or for none.
+    Defaults: ε_low = 3e-4, ε_high = 4e-4 (the clipping ranges the paper sets; tiny because
+    s_i is a per-token geometric mean); agg = seq-mean-token-mean (the paper's 1/G Σ_i;
+    verl's gspo forces it whatever loss_agg_mode says).
+
+    Departures: A_i is the masked mean of the row's token advantages, so a token-level
+    advantage (GAE) is averaged to one per sequence; verl uses A_{i,t} per token (the
+    paper's GSPO-token with distinct A_{i,t}). With the usual broadcast sequence advantage
+    the two are identical. log s_{i,t} is clamped to ±20 (verl clamps it at +10 only);
+    beyond the clamp it carries no gradient, as in :func:`clip_higher`. An empty row has
+    s_i = 1 and no tokens. clip_frac counts tokens of clipped sequences (the paper reports
+    the fraction of clipped tokens); ratio/mean is the token mean of s_i; ppo_kl is the
+    masked mean of lp_old - lp over tokens.
+    """
+    lp = cols["logprobs"]  # [B,T] grad
+    mask = cols["response_mask"]  # [B,T]
+    m = mask.to(lp.dtype)  # [B,T]
+    lengths = m.sum(-1).clamp(min=1.0)  # [B] |y_i| (an empty row: 1, it has no tokens anyway)
+    token_log_ratio = lp - cols["old_logprobs"]  # [B,T]
+    seq_log_ratio = (token_log_ratio * m).sum(-1) / lengths  # [B] log s_i
+    adv = (cols["advantages"] * m).sum(-1) / lengths  # [B] A_i
+    log_s = (lp - lp.detach()) + seq_log_ratio.detach()[:, None]  # [B,T] log s_{i,t}: value log s_i, ∇ = ∇lp_t
+    ratio = torch.exp(log_s.clamp(-20.0, 20.0))  # [B,T] s_{i,t}
+    unclipped = -adv[:, None] * ratio  # [B,T]
+    clipped = -adv[:, None] * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # [B,T]
+    pg = torch.maximum(unclipped, clipped)  # [B,T]
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": masked_mean((clipped > unclipped).to(lp.dtype), mask),
+            "ratio/mean": masked_mean(ratio, mask),
+            "ppo_kl": _ppo_kl(token_log_ratio.clamp(-20.0, 20.0), mask),
+        }
+    return _policy_term(pg, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=metrics)
+
+
+# --- CISPO: clip the importance weight, keep every token's gradient --------------------------
+
+
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, coefficient="A·sg(clip(ρ, 1-ε_low, 1+ε_high))")
+def cispo(
+    cols: Mapping[str, torch.Tensor],
+    counts: Counts,
+    *,
+    eps_low: MaybePositive = None,
+    eps_high: Positive = 0.2,
+    kl_coef: KlCoef = 0.0,
+    kl: KlEstimator = "k3",
+    entropy_coef: EntropyCoef = 0.0,
+    agg: AggMode = "token-mean",
+) -> LossTerm:
+    """CISPO, Clipped IS-weight Policy Optimization (MiniMax-M1, arXiv 2506.13585, §3.1), as
+    verl's ``cispo`` policy loss.
+
+        ρ     = exp(clamp(lp - lp_old, -20, 20))
+        r̂     = clip(ρ, 1-ε_low, 1+ε_high)                  no lower bound when eps_low is None
+        L     = -sg(r̂) · A · lp                             every token keeps its gradient -r̂ A ∇lp
+        ℓ     = L + kl_coef · k(lp, lp_ref) - entropy_coef · H
+        loss  = aggregate(ℓ, mask, agg),  agg = token-mean by default
+
+    Unlike PPO's clip, which zeroes the gradient of a token whose ratio left the band,
+    CISPO only bounds the token's importance weight: the gradient is REINFORCE weighted by
+    the clipped, detached ratio, so rare tokens whose probability jumps still learn.
+
+    Defaults and why: the paper sets ε_low^IS "to a large value" (no lower bound) and tunes
+    only ε_high^IS, without stating the value it used; eps_low = None (no lower bound) and
+    eps_high = 0.2 follow verl's CISPO example (clip_ratio_low=10, clip_ratio_high=0.2).
+    agg = token-mean is the paper's 1/Σ_i|o_i| normalisation. The paper's token mask M_{i,t}
+    (its generalised form) is not implemented. Departures: the log-ratio clamp at ±20 (verl).
+    The loss VALUE -r̂ A lp is not a surrogate of the objective (it scales with lp itself);
+    only its gradient means something, so loss/pg is not comparable to clip's. clip_frac is
+    the fraction of tokens whose weight was clipped (either side), ratio/mean the mean ρ.
+    """
+    lp = cols["logprobs"]  # [B,T] grad
+    mask = cols["response_mask"]  # [B,T]
+    adv = cols["advantages"]  # [B,T]
+    log_ratio = _log_ratio(cols)  # [B,T]
+    with torch.no_grad():
+        ratio = torch.exp(log_ratio)  # [B,T]
+        low = 1.0 - eps_low if eps_low is not None else None
+        weight = ratio.clamp(min=low, max=1.0 + eps_high)  # [B,T] sg(r̂)
+        out_of_band = ratio > 1.0 + eps_high
+        if low is not None:
+            out_of_band = out_of_band | (ratio < low)
+    pg = -weight * adv * lp  # [B,T]: gradient -r̂ A ∇lp on every valid token
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": masked_mean(out_of_band.to(lp.dtype), mask),
+            "ratio/mean": masked_mean(ratio, mask),
+            "ppo_kl": _ppo_kl(log_ratio, mask),
+        }
+    return _policy_term(pg, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=metrics)
+
+
+# --- SAPO: a soft, temperature-controlled gate instead of the clip ---------------------------
+
+
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True,
+              coefficient="A·ρ·sech²(τ(ρ-1)/2), τ = τ_pos if A > 0 else τ_neg")
+def sapo(
+    cols: Mapping[str, torch.Tensor],
+    counts: Counts,
+    *,
+    tau_pos: Positive = 1.0,
+    tau_neg: Positive = 1.05,
+    kl_coef: KlCoef = 0.0,
+    kl: KlEstimator = "k3",
+    entropy_coef: EntropyCoef = 0.0,
+    agg: AggMode = "seq-mean-token-mean",
+) -> LossTerm:
+    """SAPO, Soft Adaptive Policy Optimization (Gao et al. 2025, arXiv 2511.20347), as verl's
+    ``sapo`` policy loss.
+
+        ρ     = exp(clamp(lp - lp_old, -20, 20))
+        τ     = τ_pos where A > 0, τ_neg elsewhere
+        f(ρ)  = σ(τ (ρ - 1)) · 4/τ                          the soft gate
+        L     = -f(ρ) · A
+        ℓ     = L + kl_coef · k(lp, lp_ref) - entropy_coef · H
+        loss  = aggregate(ℓ, mask, agg),  agg = seq-mean-token-mean by default
+
+    The gradient is -A · 4σ(1-σ) · ρ ∇lp = -A ρ sech²(τ(ρ-1)/2) ∇lp: exactly the
+    unclipped policy gradient at ρ = 1 (the 4/τ makes the weight 1 there, whatever τ), and
+    smoothly smaller as ρ leaves 1 on either side, faster for larger τ. Nothing is cut off.
+
+    Defaults: τ_pos = 1.0, τ_neg = 1.05 (the paper's; τ_neg > τ_pos makes negative-advantage
+    tokens, whose updates raise the logits of many unsampled tokens, decay faster);
+    agg = seq-mean-token-mean (the paper's 1/G Σ_i 1/|y_i| Σ_t; verl's sapo forces it).
+    Departures: the log-ratio clamp at ±20 (verl). A = 0 takes τ_neg (its term is 0 anyway).
+    Metrics: gate/mean is the masked mean of the gradient weight 4σ(1-σ) (1: on-policy);
+    gate_frac is the fraction of tokens whose gradient the gate cuts by more than half
+    (weight < 1/2) — the soft counterpart of clip_frac; ratio/mean and ppo_kl as in clip.
+    """
+    lp = cols["logprobs"]  # [B,T] grad
+    mask = cols["response_mask"]  # [B,T]
+    adv = cols["advantages"]  # [B,T]
+    log_ratio = _log_ratio(cols)  # [B,T]
+    ratio = torch.exp(log_ratio)  # [B,T]
+    tau = torch.where(adv > 0, lp.new_tensor(tau_pos), lp.new_tensor(tau_neg))  # [B,T]
+    p = torch.sigmoid(tau * (ratio - 1.0))  # [B,T]
+    pg = -(4.0 / tau) * p * adv  # [B,T] = -f(ρ)·A
+    with torch.no_grad():
+        weight = 4.0 * p * (1.0 - p)  # [B,T] gradient weight relative to the unclipped -A ρ ∇lp
+        metrics = {
+            "gate/mean": masked_mean(weight, mask),
+            "gate_frac": masked_mean((weight < 0.5).to(lp.dtype), mask),
+            "ratio/mean": masked_mean(ratio, mask),
+            "ppo_kl": _ppo_kl(log_ratio, mask),
+        }
+    return _policy_term(pg, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=metrics)
+
+
+# --- vanilla policy gradient -----------------------------------------------------------------
+
+
+def _plain_pg_reads(spec) -> dict[str, str]:
+    return {"advantages": "token", "ref_logprobs": "token"} if spec.kl_coef > 0 else {"advantages": "token"}
+
+
+@loss_variant(needs="logprobs", reads=_plain_pg_reads, entropy=True, coefficient="A")
+def pg(
+    cols: Mapping[str, torch.Tensor],
+    counts: Counts,
+    *,
+    kl_coef: KlCoef = 0.0,
+    kl: KlEstimator = "k3",
+    entropy_coef: EntropyCoef = 0.0,
+    agg: AggMode = "token-mean",
+) -> LossTerm:
+    """Vanilla policy gradient (REINFORCE, Williams 1992): no ratio, no clip; the loss of GPG
+    (Chu et al. 2025, arXiv 2504.02546) and verl's ``gpg`` policy loss.
+
+        L     = -A · lp
+        ℓ     = L + kl_coef · k(lp, lp_ref) - entropy_coef · H
+        loss  = aggregate(ℓ, mask, agg),  agg = token-mean by default (verl's gpg)
+
+    The gradient is -A ∇lp whatever policy sampled the tokens: it is on-policy REINFORCE,
+    exact only for the first update on a batch. :func:`clip` at ρ = 1 has the same gradient
+    there, but not after the first update (ρ ≠ 1 rescales it and the clip can zero it),
+    which is why this is its own variant. It reads no old log-probs, so it logs no ratio,
+    clip_frac or ppo_kl. Departures: none in the loss; GPG's scaling of the advantage is the
+    ``gpg`` Advantage variant's job.
+    """
+    pg_term = -cols["advantages"] * cols["logprobs"]  # [B,T]
+    return _policy_term(pg_term, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics={})
 
 
 # --- critic: clipped value loss ------------------------------------------------------
@@ -365,7 +642,16 @@ class LossRunner(ModelRunner):
 
     @property
     def needs(self) -> str:
-        return self.variant.needs
+        """The model outputs of this term, for the engine's one forward, joined by "+".
+
+        The variant's ``needs`` ("logprobs", "values" or "scores"); a policy loss (fact
+        ``entropy``) adds "entropy" (the per-token entropy as a metric, no gradient) or,
+        when its ``entropy_coef`` > 0 puts it in the loss, "entropy_grad".
+        """
+        need = self.variant.needs
+        if self.variant.entropy:
+            need += "+entropy_grad" if self.params.get("entropy_coef", 0.0) > 0 else "+entropy"
+        return need
 
     def _cols(self, cols: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The columns the loss sees: its own mask column stands in for ``response_mask``."""
@@ -383,15 +669,22 @@ class LossRunner(ModelRunner):
         return LossTerm(self.spec.coef * t.loss, t.metrics)
 
     def outputs(self, worker, micro, needs: set[str]) -> dict[str, torch.Tensor]:
-        """One forward of ``worker`` on a micro-batch, with grad: every output in ``needs``."""
-        from rlflow.forward import response_logprobs, response_values, sequence_scores
+        """One forward of ``worker`` on a micro-batch, with grad: every output in ``needs``
+        (the :attr:`needs` of every term on this model). Entropy comes from the same
+        forward as the log-probs; it carries gradient if any term asks "entropy_grad"."""
+        from rlflow.forward import response_logprobs, response_logprobs_and_entropy, response_values, sequence_scores
 
+        wanted = {part for need in needs for part in need.split("+")}
         args = (micro["prompt_ids"], micro["prompt_mask"], micro["response_ids"], micro["response_mask"])
+        temperature = self.spec.temperature or 1.0
         out: dict[str, torch.Tensor] = {}
-        if "logprobs" in needs:
-            out["logprobs"] = response_logprobs(worker.engine, *args, temperature=self.spec.temperature or 1.0)
-        if "values" in needs:
+        if wanted & {"entropy", "entropy_grad"}:
+            out["logprobs"], out["entropy"] = response_logprobs_and_entropy(
+                worker.engine, *args, temperature=temperature, entropy_grad="entropy_grad" in wanted)
+        elif "logprobs" in wanted:
+            out["logprobs"] = response_logprobs(worker.engine, *args, temperature=temperature)
+        if "values" in wanted:
             out["new_values"] = response_values(worker.engine, *args)
-        if "scores" in needs:
+        if "scores" in wanted:
             out["scores"] = sequence_scores(worker.engine, *args)
         return out

@@ -15,10 +15,11 @@ from pydantic import Field
 
 from rlflow.dist import all_reduce_sum
 from rlflow.lazy import torch
+from rlflow.spec import KlEstimator
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 AGG_MODES: tuple[str, ...] = get_args(AggMode)
-KlEstimator = Literal["k1", "k2", "k3"]
+KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
 # the weight of a KL penalty, a setting of every variant that can put KL in the reward or loss
 KlCoef = Annotated[float, Field(ge=0, description="weight β of the KL penalty (0: off)")]
 
@@ -54,10 +55,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KlEstimator) -> torch.Tensor:
-    """Schulman's per-token estimators of KL(π || π_ref), ALGORITHMS.md §0.3.
+    """Schulman's per-token estimators of KL(π || π_ref), and verl's ``abs``, ALGORITHMS.md §0.3.
 
     d = lp - lp_ref;  k1 = d;  k2 = d²/2;  k3 = exp(-d) - 1 + d, with -d clamped to ±20
-    before the exp and the result clamped to ±10 (as verl does, Part A §6).
+    before the exp and the result clamped to ±10 (as verl does, Part A §6);  abs = |d|
+    (verl ``kl_penalty="abs"``, no clamp). As a loss term abs has the gradient sign(d)·∇lp:
+    it pulls lp towards lp_ref with a constant force, whichever side it is on.
     """
     d = logprobs - ref_logprobs
     if estimator == "k1":
@@ -67,7 +70,9 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
     if estimator == "k3":
         neg = (-d).clamp(-20.0, 20.0)
         return (torch.exp(neg) - 1.0 - neg).clamp(-10.0, 10.0)
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of k1, k2, k3")
+    if estimator == "abs":
+        return d.abs()
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
 
 
 @dataclass(frozen=True)

@@ -261,6 +261,21 @@ def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
     return ids, attention, _positions(attention)
 
 
+def _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float) -> torch.Tensor:
+    """``[B, T, V]`` float32 logits / temperature that predict the response tokens: one forward.
+
+    The logits at column ``P+t-1`` predict response token ``t``. Only the last ``T+1``
+    positions' logits are computed when the model accepts ``logits_to_keep``.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    n_resp = response_ids.shape[1]
+    extra = {"logits_to_keep": n_resp + 1} if "logits_to_keep" in _forward_params(model) else {}
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, **extra)
+    return out.logits[:, -(n_resp + 1) : -1, :].float() / temperature  # [B, T, V]
+
+
 def response_logprobs(
     model,
     prompt_ids: torch.Tensor,
@@ -278,15 +293,46 @@ def response_logprobs(
     positions' logits are computed when the model accepts ``logits_to_keep``. Carries
     gradient when called with grad enabled; returns float32 whatever the model dtype.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
-    n_resp = response_ids.shape[1]
-    extra = {"logits_to_keep": n_resp + 1} if "logits_to_keep" in _forward_params(model) else {}
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, **extra)
-    logits = out.logits[:, -(n_resp + 1) : -1, :].float() / temperature  # [B, T, V]
+    logits = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)  # [B, T, V]
     lp = _token_logprob(logits, response_ids)  # [B, T]
     return torch.where(response_mask > 0, lp, 0.0)
+
+
+def token_entropy(scaled_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy ``H = -Σ_v π_v log π_v`` of ``softmax(scaled_logits)`` over the last dim.
+
+    As ``logsumexp(z) - Σ_v softmax(z)_v z_v``: no ``[.., V]`` log-softmax is kept.
+    """
+    p = scaled_logits.softmax(dim=-1)
+    return scaled_logits.logsumexp(dim=-1) - (p * scaled_logits).sum(dim=-1)
+
+
+def response_logprobs_and_entropy(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, T] log-probs, [B, T] entropies)`` of the response tokens from ONE forward.
+
+    The log-probs are exactly :func:`response_logprobs`. The entropy at token ``t`` is that
+    of the policy's full-vocabulary distribution ``softmax(logits / temperature)`` at the
+    state ``s_t`` the token was chosen from — the same logits, so the same temperature
+    (ALGORITHMS.md Part A §1). Both are 0 on padding and float32.
+
+    ``entropy_grad=False`` computes the entropy under ``no_grad`` (a metric): no extra
+    ``[B, T, V]`` tensor is kept for the backward pass. ``entropy_grad=True`` lets it carry
+    gradient (an entropy bonus in the loss); the softmax is then kept for backward.
+    """
+    logits = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)  # [B, T, V]
+    lp = torch.where(response_mask > 0, _token_logprob(logits, response_ids), 0.0)  # [B, T]
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = torch.where(response_mask > 0, token_entropy(logits), 0.0)  # [B, T]
+    return lp, entropy
 
 
 def _last_hidden(model, ids, attention, positions) -> torch.Tensor:

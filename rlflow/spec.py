@@ -416,7 +416,9 @@ class Value(ModelNode):
 
 # --- kinds with variants: the base specs; each variant's spec is made from its function ------
 
-KlEstimator = Literal["k1", "k2", "k3"]
+# Schulman's per-token KL estimators and verl's |d| (ALGORITHMS.md §0.3); the one list of them:
+# Advantage's ``kl`` field here, the Loss variants' ``kl`` setting and masked.kl_estimate use it.
+KlEstimator = Literal["k1", "k2", "k3", "abs"]
 
 
 class _VariantNode(Node, Declared):
@@ -502,7 +504,9 @@ def _response_mask(cols, params):
     return cols["response_mask"]
 
 
-LOSSES = LossSpec.variants = VariantKind("loss", LossSpec, mask=_response_mask)
+# facts of a Loss variant: ``mask`` (its token mask, from the batch and its settings) and
+# ``entropy`` (a policy loss: the runner also computes the policy's per-token entropy)
+LOSSES = LossSpec.variants = VariantKind("loss", LossSpec, mask=_response_mask, entropy=False)
 FILTERS = FilterSpec.variants = VariantKind("filter", FilterSpec, group_based=False, drops_rows=True, refills=False)
 advantage_variant = ADVANTAGES.declare
 loss_variant = LOSSES.declare

@@ -19,8 +19,11 @@ from rlflow.nodes.advantage import (
     group_center,
     group_mean_std,
     group_norm,
+    group_weighted_mean,
+    gpg,
     last_token,
     length_adaptive_lambda,
+    opo,
     reward_to_go,
     rloo,
     sequence_rewards,
@@ -60,10 +63,12 @@ def test_declared_reads_writes_and_group_flags():
     from rlflow.spec import Advantage
 
     extra = {n: set(ADVANTAGES[n].reads(Advantage(n))) for n in ALL_VARIANTS}
-    assert extra == {"gae": {"values"}, "greedy_baseline": {"baseline_rewards"}, "reward_to_go": set(),
-                     "group_norm": set(), "group_center": set(), "rloo": set()}
+    # only gae (a critic) and greedy_baseline (ReMax) read more than rewards, mask and group
+    special = {"gae": {"values"}, "greedy_baseline": {"baseline_rewards"}}
+    assert extra == {n: special.get(n, set()) for n in ALL_VARIANTS}
     assert set(Advantage("gae").writes()) == {"advantages", "returns"}
-    assert set(GROUP_VARIANTS) == {"group_norm", "group_center", "rloo"}
+    assert {"group_norm", "group_center", "rloo", "opo", "gpg"} <= set(GROUP_VARIANTS)
+    assert not set(GROUP_VARIANTS) & {"gae", "reward_to_go", "greedy_baseline"}
 
 
 def test_unknown_variant_suggests_closest():
@@ -76,6 +81,8 @@ EXPECTED_PARAMS = {
     "group_norm": {"eps": 1e-6, "whiten": False, "kl_coef": 0.0},
     "group_center": {"whiten": False, "kl_coef": 0.0},
     "rloo": {"whiten": False, "kl_coef": 0.0},
+    "opo": {"whiten": False, "kl_coef": 0.0},
+    "gpg": {"whiten": False, "kl_coef": 0.0},
     "greedy_baseline": {"whiten": False, "kl_coef": 0.0},
     "reward_to_go": {"gamma": 1.0, "whiten": True, "kl_coef": 0.0},
 }
@@ -204,6 +211,55 @@ def test_greedy_baseline_by_hand_kl_not_in_baseline():
     res = greedy_baseline(x, kl_coef=0.5)
     assert torch.allclose(res.advantages, t64([[0.2, 0.2], [-1.0, 0.0]]), atol=1e-12)
     assert res.metrics["rewards/kl_penalty"] == pytest.approx((0.3 + 0.5) / 2)
+
+
+def test_group_weighted_mean_by_hand():
+    # group 5 = rows 0, 2, 3 with v = 1, 0, 0 and w = 2, 4, 6: (2·1 + 0 + 0)/12 = 1/6
+    # group 8 = rows 1, 4 with v = 3, 5 and w = 0, 0: no weight → its first value, 3
+    got = group_weighted_mean(t64([1.0, 3.0, 0.0, 0.0, 5.0]), t64([2.0, 0.0, 4.0, 6.0, 0.0]), torch.tensor([5, 8, 5, 5, 8]))
+    assert torch.allclose(got, t64([1 / 6, 3.0, 1 / 6, 1 / 6, 3.0]), atol=1e-12)
+    # equal values: exactly that value, whatever the weights
+    assert torch.equal(group_weighted_mean(t64([0.1, 0.1, 0.1]), t64([1.0, 2.0, 7.0]), torch.tensor([0, 0, 0])), t64([0.1] * 3))
+
+
+def test_opo_length_weighted_baseline_by_hand():
+    # one group, R = [1, 0, 0], lengths [2, 4, 6]: b = (2·1 + 4·0 + 6·0)/12 = 1/6
+    # A = [5/6, -1/6, -1/6]; the unweighted mean (group_center) would give [2/3, -1/3, -1/3]
+    x = full_inputs([1.0, 0.0, 0.0], [2, 4, 6], 6, group=[0, 0, 0])
+    adv = opo(x).advantages
+    assert torch.allclose(adv, x.mask * t64([[5 / 6], [-1 / 6], [-1 / 6]]), atol=1e-12)
+    assert torch.allclose(group_center(x).advantages[:, 0], t64([2 / 3, -1 / 3, -1 / 3]), atol=1e-12)
+    # equal lengths: the length weights cancel and OPO is group_center (Dr. GRPO)
+    y = full_inputs([1.0, 0.0, 0.0, 2.0], [3, 3, 3, 3], 3, group=[0, 0, 0, 0])
+    assert torch.allclose(opo(y).advantages, group_center(y).advantages, atol=1e-12)
+
+
+def test_opo_empty_row_weighs_nothing():
+    # group {R=1 (3 tokens), R=5 (empty)}: b = (3·1 + 0·5)/3 = 1, so A = 0 on the non-empty row
+    # (group_center would give 1 - 3 = -2: the empty row's score counts there)
+    x = full_inputs([1.0, 5.0], [3, 0], 3, group=[0, 0])
+    assert torch.equal(opo(x).advantages, torch.zeros(2, 3, dtype=F64))
+
+
+def test_gpg_alpha_by_hand():
+    # group 0: R = [1, 0, 0, 0] → Â = [0.75, -0.25, -0.25, -0.25]   (4 rows with a signal)
+    # group 1: R = [1, 1, 1, 1], one response empty → Â = 0         (3 non-empty rows, no signal)
+    # group 2: R = [0, 1] → Â = [-0.5, 0.5]                          (2 rows with a signal)
+    # B' = 4 + 3 + 2 = 9 non-empty rows, M = 6 with Â ≠ 0: α = 9/6 = 1.5
+    x = full_inputs([1, 0, 0, 0, 1, 1, 1, 1, 0, 1], [2, 2, 2, 2, 2, 2, 0, 2, 2, 2], 2, group=[0] * 4 + [1] * 4 + [2] * 2)
+    res = gpg(x)
+    assert res.metrics["advantages/gpg_alpha"] == 1.5
+    expected = t64([1.125, -0.375, -0.375, -0.375, 0, 0, 0, 0, -0.75, 0.75])  # 1.5·Â
+    assert torch.allclose(res.advantages, expected[:, None] * x.mask, atol=1e-12)
+    # no signal anywhere: α = 1 and every advantage 0
+    none = gpg(full_inputs([1.0, 1.0], [2, 2], 2, group=[0, 0]))
+    assert none.metrics["advantages/gpg_alpha"] == 1.0 and torch.equal(none.advantages, torch.zeros(2, 2, dtype=F64))
+
+
+def test_gpg_is_group_center_times_alpha():
+    x, _ = random_batch(5)
+    res = gpg(x)
+    assert torch.allclose(res.advantages, res.metrics["advantages/gpg_alpha"] * group_center(x).advantages, atol=1e-12)
 
 
 def test_gae_three_tokens_by_hand():
@@ -350,6 +406,7 @@ def loop_sequence_advantage(x, lengths, beta, kind, eps=1e-6):
     B, T = x.mask.shape
     out = torch.zeros(B, T, dtype=F64)
     g = x.group.tolist()
+    seq = []
     for i in range(B):
         mates = [j for j in range(B) if g[j] == g[i]]
         s = [loop_scalar(x, lengths, j, beta) for j in mates]
@@ -360,10 +417,21 @@ def loop_sequence_advantage(x, lengths, beta, kind, eps=1e-6):
             a = (mine - mean) / (std + eps)
         elif kind == "rloo":
             a = mine - (sum(s) - mine) / (len(s) - 1)
-        else:
+        elif kind == "opo":  # b = Σ l R / Σ l over the group (rows of an all-empty group have no tokens)
+            ls = [lengths[j] for j in mates]
+            a = mine - (sum(l * v for l, v in zip(ls, s)) / sum(ls) if sum(ls) else mean)
+        elif kind in ("group_center", "gpg"):
             a = mine - mean
+        else:
+            raise AssertionError(f"no loop reference for {kind!r}: write one")
+        seq.append(a)
+    if kind == "gpg":  # α = non-empty rows / non-empty rows with a non-zero advantage, batch-wide
+        rows = sum(1 for i in range(B) if lengths[i] > 0)
+        signal = sum(1 for i in range(B) if lengths[i] > 0 and seq[i] != 0)
+        seq = [a * (rows / signal if signal else 1.0) for a in seq]
+    for i in range(B):
         for t in range(lengths[i]):
-            out[i, t] = a
+            out[i, t] = seq[i]
     return out
 
 
@@ -442,11 +510,14 @@ def test_all_equal_group_gives_exactly_zero(kind):
 def test_empty_responses_get_zero_and_do_not_crash(name):
     # row 1 is empty (its score still counts in its group); other rows keep their values
     x = full_inputs([1.0, 5.0, 0.0, 2.0], [3, 0, 2, 1], 3, group=[0, 0, 1, 1], values=torch.randn(4, 3, dtype=F64), kl=torch.rand(4, 3, dtype=F64))
+    # opo weighs its baseline by length: the empty row 1 weighs nothing, so row 0, alone with
+    # it, is its own baseline and gets 0 (test_opo_empty_row_weighs_nothing); row 2 still learns
+    learning = [2] if name == "opo" else [0, 2]
     for whiten in (False, True):
         res = ADVANTAGES[name].fn(x, whiten=whiten, kl_coef=0.1)
         assert torch.isfinite(res.advantages).all()
         assert torch.equal(res.advantages[1], torch.zeros(3, dtype=F64))
-        assert (res.advantages[0, :3] != 0).any()
+        assert all((res.advantages[i, : [3, 0, 2, 1][i]] != 0).any() for i in learning)
         if res.returns is not None:
             assert torch.equal(res.returns[1], torch.zeros(3, dtype=F64))
 
@@ -600,6 +671,8 @@ def test_result_type_and_metric_names(name):
     expected = {"advantages/mean", "advantages/std", "rewards/kl_penalty"}
     if name == "gae":
         expected |= {"returns/mean", "returns/std"}
+    if name == "gpg":
+        expected |= {"advantages/gpg_alpha"}
     assert set(res.metrics) == expected
     assert all(isinstance(v, float) for v in res.metrics.values())
     # the metric is the token-weighted mean of the returned advantages

@@ -19,12 +19,12 @@ def length(response, row):
     return float(len(response))
 
 
-def grpo(agg="seq-mean-token-mean", micro=None, **kw):
+def grpo(agg="seq-mean-token-mean", micro=None, loss=None, **kw):
     actor = Model(INIT, train=True, lr=1e-3, micro_batch_size=micro, grad_clip=None)
     return Pipeline(
         name="t", data=Prompts("builtin:arith", batch_size=4), models={"actor": actor, "ref": actor.frozen()},
         nodes=[Generate("actor", n=4, max_new_tokens=4), Score(rule=length), RefLogprob("ref"),
-               Advantage("group_norm"), Loss("clip", kl_coef=0.04, agg=agg)],
+               Advantage("group_norm"), loss or Loss("clip", kl_coef=0.04, agg=agg)],
         **{"steps": 1, "eval": None, **kw})
 
 
@@ -55,6 +55,30 @@ def test_update_is_invariant_to_micro_batch_size(agg, tmp_path):
         worker.step = capture
         run.train(1)
     assert grads[0].abs().max() > 0  # there was something to learn
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", [Loss("gspo", kl_coef=0.04, entropy_coef=0.01), Loss("sapo", entropy_coef=0.01, agg="token-mean")],
+                         ids=["gspo", "sapo"])
+def test_entropy_bonus_from_the_same_forward_is_invariant_to_micro_batch_size(loss, tmp_path):
+    # the entropy term's gradient flows through the model like the log-probs' and is cut
+    # into micro-batches the same way; every policy loss logs entropy/mean and ppo_kl
+    grads = []
+    for micro in (None, 4, 5):
+        run = run_of(grpo(loss=loss, micro=micro), tmp_path, f"m{micro}")
+        worker = run.workers["actor"]
+        step = worker.step
+
+        def capture(step=step, worker=worker):
+            grads.append(torch.cat([p.grad.flatten().clone() for p in worker.module.parameters()]))
+            return step()
+
+        worker.step = capture
+        run.train(1)
+        rec = json.loads((tmp_path / f"m{micro}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert rec["entropy/mean"] > 0 and rec["loss/entropy"] < 0 and abs(rec["ppo_kl"]) < 1e-4  # first update: ρ ≈ 1
+    assert grads[0].abs().max() > 0
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0], atol=1e-6, rtol=1e-4)
 

@@ -19,6 +19,7 @@ from rlflow.forward import (
     greedy_accuracy,
     last_token_hidden_state,
     response_logprobs,
+    response_logprobs_and_entropy,
     sample,
 )
 
@@ -119,6 +120,42 @@ def test_response_logprobs_match_plain_forward_unpadded():
         temperature=0.7,
     )
     torch.testing.assert_close(got[0], expected.detach(), atol=1e-5, rtol=0)
+
+
+def test_entropy_matches_plain_forward_unpadded():
+    # ground truth: H_t = -Σ_v p log p of softmax(logits/τ) at column P+t-1, the state token t is chosen from
+    model = tiny_llama()
+    prompt, response = [3, 4, 5], [6, 7, EOS]
+    logits = model(input_ids=torch.tensor([prompt + response])).logits[0] / 0.7  # [6, V]
+    expected = torch.stack([-(torch.softmax(logits[2 + t], -1) * torch.log_softmax(logits[2 + t], -1)).sum() for t in range(3)])
+    args = (torch.tensor([prompt]), torch.ones(1, 3, dtype=torch.long), torch.tensor([response]), torch.ones(1, 3))
+    lp, ent = response_logprobs_and_entropy(model, *args, temperature=0.7)
+    torch.testing.assert_close(ent[0], expected.detach(), atol=1e-5, rtol=0)
+    assert bool((ent > 0).all()) and bool((ent <= torch.log(torch.tensor(float(VOCAB))) + 1e-5).all())  # 0 < H ≤ log V
+    torch.testing.assert_close(lp, response_logprobs(model, *args, temperature=0.7), atol=0, rtol=0)  # the same log-probs
+
+
+def test_logprobs_and_entropy_from_one_forward_padded_and_gradient():
+    model = tiny_llama(eos_bias=1.0)
+    out = _draw(model, 0, max_new_tokens=6)
+    ids, mask = left_pad(PROMPTS * 4)
+    args = (model, ids, mask, out.response_ids, out.response_mask)
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    lp, ent = response_logprobs_and_entropy(*args, temperature=0.7)
+    handle.remove()
+    assert len(calls) == 1  # one forward for both
+    torch.testing.assert_close(lp, response_logprobs(*args, temperature=0.7), atol=0, rtol=0)
+    pad = out.response_mask == 0
+    assert bool(pad.any()) and bool((ent[pad] == 0).all()) and bool((ent[~pad] > 0).all())
+    # a metric by default (no grad, no [B,T,V] kept); with entropy_grad it carries gradient
+    assert lp.requires_grad and not ent.requires_grad
+    _, ent_g = response_logprobs_and_entropy(*args, temperature=0.7, entropy_grad=True)
+    torch.testing.assert_close(ent_g.detach(), ent, atol=1e-6, rtol=0)
+    (ent_g * out.response_mask).sum().backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert not response_logprobs_and_entropy(*args, entropy_grad=True)[1].requires_grad
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,13 @@ from rlflow.nodes.masked import AGG_MODES, Counts, count
 
 F64 = torch.float64
 OUTPUT = {"logprobs": "logprobs", "values": "new_values", "scores": "scores"}  # needs -> column
+POLICY = [n for n in LOSSES if LOSSES[n].entropy]  # the policy losses, from the registry: they get the entropy
+RATIO = [n for n in POLICY if "old_logprobs" in LOSSES[n].reads(Loss(n))]  # and those with a ratio to π_old
+
+
+def outputs_of(v: Variant) -> set[str]:
+    """The model outputs the runner puts into the columns of variant ``v``."""
+    return {OUTPUT[v.needs]} | ({"entropy"} if v.entropy else set())
 
 
 def t(x) -> torch.Tensor:
@@ -28,6 +35,8 @@ def run(name: str, cols: dict, params: dict | None = None, constant: float = 1.0
     """Counts over the variant's own mask (as the engine does), then the loss."""
     params = params or {}
     v = LOSSES[name]
+    if v.entropy and "entropy" not in cols:  # the runner always supplies it; cases that ignore it get zeros
+        cols = {**cols, "entropy": torch.zeros_like(cols["logprobs"])}
     counts = count(v.mask(cols, params), group=cols.get("group"), constant=constant)
     return v.fn(cols, counts, **params)
 
@@ -39,18 +48,18 @@ def grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # --- contract --------------------------------------------------------------------------
 
 
-def test_registry_names_and_needs():
-    assert LOSSES.names() == ["bradley_terry", "clip", "clip_higher", "dpo", "nll", "value"]
-    needs = {n: LOSSES[n].needs for n in LOSSES}
-    assert needs == {
-        "clip": "logprobs",
-        "clip_higher": "logprobs",
-        "nll": "logprobs",
-        "dpo": "logprobs",
-        "value": "values",
-        "bradley_terry": "scores",
-    }
+def test_registry_needs_and_policy_facts():
+    # the registry is the only list of names; every variant declares the one model output it needs
     assert all(isinstance(LOSSES[n], Variant) for n in LOSSES)
+    assert {LOSSES[n].needs for n in LOSSES} == {"logprobs", "values", "scores"}
+    assert {"clip", "clip_higher", "gspo", "cispo", "sapo", "pg"} <= set(POLICY) and "nll" not in POLICY
+    for n in LOSSES:
+        # a policy loss is exactly one that weighs log-probs by advantages: it gets the entropy
+        # (entropy/mean, entropy_coef) and takes KL in the loss like clip does
+        v = LOSSES[n]
+        assert v.entropy == ("advantages" in v.reads(Loss(n))), n
+        if v.entropy:
+            assert v.needs == "logprobs" and {"entropy_coef", "kl_coef", "kl", "agg"} <= set(v.params), n
 
 
 class Recording(dict):
@@ -70,6 +79,14 @@ READS = [
     ("clip", {"kl_coef": 0.1}, {"response_mask", "old_logprobs", "advantages", "ref_logprobs"}),
     ("clip_higher", {"dual_clip": 3.0}, {"response_mask", "old_logprobs", "advantages"}),
     ("clip_higher", {"kl_coef": 0.1, "kl": "k2"}, {"response_mask", "old_logprobs", "advantages", "ref_logprobs"}),
+    ("gspo", {}, {"response_mask", "old_logprobs", "advantages"}),
+    ("gspo", {"kl_coef": 0.1, "entropy_coef": 0.01}, {"response_mask", "old_logprobs", "advantages", "ref_logprobs"}),
+    ("cispo", {}, {"response_mask", "old_logprobs", "advantages"}),
+    ("cispo", {"kl_coef": 0.1, "kl": "abs"}, {"response_mask", "old_logprobs", "advantages", "ref_logprobs"}),
+    ("sapo", {}, {"response_mask", "old_logprobs", "advantages"}),
+    ("sapo", {"kl_coef": 0.1}, {"response_mask", "old_logprobs", "advantages", "ref_logprobs"}),
+    ("pg", {}, {"response_mask", "advantages"}),
+    ("pg", {"kl_coef": 0.1, "entropy_coef": 0.01}, {"response_mask", "advantages", "ref_logprobs"}),
     ("value", {}, {"response_mask", "values", "returns"}),
     ("nll", {}, {"response_mask"}),
     ("nll", {"where": "correct"}, {"response_mask", "rewards"}),
@@ -85,11 +102,11 @@ def test_reads_is_exactly_what_the_variant_reads(name, params, expected):
     assert set(v.reads(spec)) == expected - {"response_mask"}  # the kind itself reads the mask
     assert expected <= set(spec.reads())  # the node declares (as graph edges) all the maths reads
     full = random_batch(0, pairs=True)
-    out = OUTPUT[v.needs]
-    # the engine may pass only the declared columns plus the model output: that must suffice
-    cols = Recording({k: full[k] for k in expected | {out}})
+    outs = outputs_of(v)
+    # the engine may pass only the declared columns plus the model outputs: that must suffice
+    cols = Recording({k: full[k] for k in expected | outs})
     term = run(name, cols, params)
-    assert cols.read - {out} == expected
+    assert cols.read - outs == expected
     assert term.loss.dim() == 0 and term.loss.requires_grad
     assert term.metrics and all(type(x) is float for x in term.metrics.values())
 
@@ -225,6 +242,8 @@ KL_CASES = [
     ("k3", 0.5, 0.1 * 0.10653065971263342, 0.1 * 0.3934693402873666),  # k3 = e^-0.5 - 1 + 0.5, dk/dd = 1 - e^-0.5
     ("k3", -15.0, 0.1 * 10.0, 0.0),  # e^15 - 1 - 15 = 3.27e6, clamped to 10: no gradient
     ("k3", -25.0, 0.1 * 10.0, 0.0),  # -d clamped to 20 before exp, then to 10
+    ("abs", 0.5, 0.1 * 0.5, 0.1 * 1.0),  # |d| = 0.5, d|d|/dd = sign(d) = 1
+    ("abs", -0.5, 0.1 * 0.5, 0.1 * -1.0),  # |d| = 0.5, sign(d) = -1: pulled up towards lp_ref
 ]
 
 
@@ -244,6 +263,21 @@ def test_kl_in_loss(est, d, loss, dlp):
     assert term.metrics["loss/kl"] == pytest.approx(loss, abs=1e-12)
     assert term.metrics["kl/mean"] == pytest.approx(loss / 0.1, abs=1e-12)
     assert term.metrics["loss/pg"] == 0.0
+
+
+def test_kl_estimators_are_listed_once():
+    # spec.KlEstimator (Advantage's kl field) is the list; masked and every Loss variant use it
+    import rlflow.nodes.masked as masked
+    import rlflow.spec as spec
+
+    assert masked.KlEstimator is spec.KlEstimator and masked.KL_ESTIMATORS == ("k1", "k2", "k3", "abs")
+    for est in masked.KL_ESTIMATORS:  # every listed estimator is implemented
+        masked.kl_estimate(t([0.3]), t([0.1]), est)
+    with pytest.raises(ValueError, match="expected one of k1, k2, k3, abs"):
+        masked.kl_estimate(t([0.3]), t([0.1]), "k4")
+    # and the specs accept the whole list: KL in the reward (Advantage) and in the loss
+    assert spec.Advantage("group_norm", kl="abs", kl_coef=0.1).kl == "abs"
+    assert Loss("clip", kl="abs", kl_coef=0.1).kl == "abs"
 
 
 @pytest.mark.parametrize("agg,expected", [("token-mean", 1.6 / 3), ("seq-mean-token-mean", 0.65)])
@@ -538,6 +572,245 @@ def test_clip_at_ratio_one_is_reinforce():
     assert term.metrics["clip_frac"] == 0.0
 
 
+# --- every policy loss: ppo_kl, the entropy bonus --------------------------------------
+
+
+@pytest.mark.parametrize("name", RATIO)
+def test_ppo_kl_is_mean_of_old_minus_new(name):
+    # lp - old = log 1.5, 0, log 0.5 on valid tokens (garbage on padding):
+    # ppo_kl = mean(old - lp) = -(log 1.5 + 0 + log 0.5)/3 = -log(0.75)/3 = 0.0958940242
+    lp = t([[math.log(1.5), 0.0, 50.0], [math.log(0.5), -50.0, 7.0]]).requires_grad_()
+    cols = {
+        "logprobs": lp,
+        "old_logprobs": t([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        "advantages": t([[1.0, 1.0, 1e6], [1.0, 1e6, 1e6]]),
+        "response_mask": t([[1, 1, 0], [1, 0, 0]]),
+    }
+    m = run(name, cols).metrics
+    assert m["ppo_kl"] == pytest.approx(-math.log(0.75) / 3, abs=1e-12)
+    assert m["entropy/mean"] == 0.0 and "loss/entropy" not in m  # logged always; bonus off by default
+
+
+@pytest.mark.parametrize("name", POLICY)
+@pytest.mark.parametrize("agg,loss,g0,g1", [
+    # A = 0, so the policy term is 0 whatever the variant; c = 0.1, H = [2, 1], [0.5, pad]
+    ("token-mean", -0.1 * 3.5 / 3, -0.1 / 3, -0.1 / 3),  # -c·(2 + 1 + 0.5)/3; ∂/∂H = -c/N
+    ("seq-mean-token-mean", -0.1 * (1.5 + 0.5) / 2, -0.1 / 4, -0.1 / 2),  # -c·(3/2 + 0.5/1)/2; -c/(B'·L_i)
+])
+def test_entropy_bonus(name, agg, loss, g0, g1):
+    lp = t([[-1.0, -2.0], [-0.5, 9.0]]).requires_grad_()
+    ent = t([[2.0, 1.0], [0.5, 77.0]]).requires_grad_()  # garbage on padding
+    cols = {"logprobs": lp, "old_logprobs": lp.detach(), "advantages": t([[0.0, 0.0], [0.0, 0.0]]),
+            "response_mask": t([[1, 1], [1, 0]]), "entropy": ent}
+    term = run(name, cols, {"entropy_coef": 0.1, "agg": agg})
+    assert term.loss.item() == pytest.approx(loss, abs=1e-12)
+    assert torch.allclose(grad(term.loss, ent), t([[g0, g0], [g1, 0.0]]), atol=1e-12)  # minimising raises H
+    assert term.metrics["entropy/mean"] == pytest.approx(3.5 / 3, abs=1e-12)  # token mean, as every metric
+    assert term.metrics["loss/entropy"] == pytest.approx(loss, abs=1e-12)
+    assert term.metrics["loss/pg"] == 0.0
+
+
+# --- GSPO: one clip decision per sequence ------------------------------------------------
+
+
+def gspo_batch():
+    """Four rows, one per side of the band [1-0.1, 1+0.2] = [0.9, 1.2] and sign of A.
+
+    row 0: lp - old = [0.1, 0.3], A = +1:  s = e^0.2  = 1.2214028 > 1.2, A>0: clipped to -1.2
+    row 1: lp - old = [-0.2, -0.1, -0.3], A = -1: s = e^-0.2 = 0.8187308 < 0.9, A<0: clipped to +0.9
+    row 2: lp - old = [-0.4, -0.2], A = [1, 3] → A_i = 2 (row mean): s = e^-0.3 = 0.7408182 < 0.9,
+           A>0: max(-2·0.7408, -2·0.9) = -1.4816364, not clipped
+    row 3: lp - old = [0.3], A = -1: s = e^0.3 = 1.3498588 > 1.2, A<0: max(1.3499, 1.2), not clipped
+    """
+    x = 1e6  # garbage on padding
+    old = t([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0], [-2.0, -1.0, -1.0], [-0.5, -1.0, -1.0]])
+    delta = t([[0.1, 0.3, 5.0], [-0.2, -0.1, -0.3], [-0.4, -0.2, 5.0], [0.3, 5.0, 5.0]])
+    lp = (old + delta).requires_grad_()
+    cols = {
+        "logprobs": lp,
+        "old_logprobs": old,
+        "advantages": t([[1.0, 1.0, x], [-1.0, -1.0, -1.0], [1.0, 3.0, x], [-1.0, x, x]]),
+        "response_mask": t([[1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]]),
+    }
+    return lp, cols
+
+
+def test_gspo_clip_binds_on_both_sides_per_sequence():
+    lp, cols = gspo_batch()
+    term = run("gspo", cols, {"eps_low": 0.1, "eps_high": 0.2})  # default agg: seq-mean-token-mean
+    e = math.exp
+    # loss = (-1.2 + 0.9 - 2e^-0.3 + e^0.3)/B', B' = 4: (-0.4317776)/4 = -0.1079444
+    assert term.loss.item() == pytest.approx((-1.2 + 0.9 - 2 * e(-0.3) + e(0.3)) / 4, abs=1e-12)
+    # gradient per token -A_i s_i/(B'·L_i): clipped rows 0 and 1 none; row 2: -2e^-0.3/(4·2) = -0.1852046;
+    # row 3: e^0.3/(4·1) = 0.3374647. Equal on every token of a row (one ratio per sequence).
+    g2, g3 = -2 * e(-0.3) / 8, e(0.3) / 4
+    assert torch.allclose(grad(term.loss, lp), t([[0, 0, 0], [0, 0, 0], [g2, g2, 0], [g3, 0, 0]]), atol=1e-12)
+    m = term.metrics
+    assert m["clip_frac"] == pytest.approx(5 / 8, abs=1e-12)  # rows 0 and 1 are clipped: 2 + 3 of 8 tokens
+    assert m["ratio/mean"] == pytest.approx((2 * e(0.2) + 3 * e(-0.2) + 2 * e(-0.3) + e(0.3)) / 8, abs=1e-12)
+    # ppo_kl = -(0.1+0.3 -0.2-0.1-0.3 -0.4-0.2 +0.3)/8 = 0.5/8
+    assert m["ppo_kl"] == pytest.approx(0.0625, abs=1e-12)
+
+
+def test_gspo_default_band_is_the_papers():
+    # ε_low = 3e-4, ε_high = 4e-4: s = e^0.0003 = 1.00030005 is inside [0.9997, 1.0004],
+    # s = e^0.0005 = 1.00050013 is clipped for A > 0
+    for d, clipped in ((0.0003, 0.0), (0.0005, 1.0)):
+        lp = t([[d - 1.0, d - 2.0]]).requires_grad_()
+        cols = {"logprobs": lp, "old_logprobs": t([[-1.0, -2.0]]), "advantages": t([[1.0, 1.0]]), "response_mask": t([[1, 1]])}
+        term = run("gspo", cols)
+        assert term.metrics["clip_frac"] == clipped
+        assert term.loss.item() == pytest.approx(-min(math.exp(d), 1.0004), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gspo_is_the_papers_sequence_objective(seed):
+    # written independently: s_i = (π_θ(y_i)/π_old(y_i))^(1/|y_i|) with the gradient through
+    # the sequence mean, J = (1/B') Σ_i min(s_i A_i, clip(s_i) A_i); GSPO-token has the same value and gradient
+    b = random_batch(seed)
+    cols = {k: b[k] for k in ("logprobs", "old_logprobs", "advantages", "response_mask", "entropy")}
+    m = cols["response_mask"]
+    L = m.sum(-1)
+    keep = L > 0
+    s = torch.exp(((cols["logprobs"] - cols["old_logprobs"]) * m).sum(-1)[keep] / L[keep])  # [B']
+    a = (cols["advantages"] * m).sum(-1)[keep] / L[keep]
+    ref = -torch.minimum(s * a, s.clamp(0.95, 1.1) * a).mean()
+    term = run("gspo", cols, {"eps_low": 0.05, "eps_high": 0.1})
+    assert 0 < term.metrics["clip_frac"] < 1  # both branches occur
+    assert term.loss.item() == pytest.approx(ref.item(), abs=1e-12)
+    assert torch.allclose(grad(term.loss, cols["logprobs"]), grad(ref, cols["logprobs"]), atol=1e-12)
+
+
+# --- CISPO: the weight is clipped, the gradient never dropped -----------------------------
+
+
+# (ratio, A, weight r̂, loss -r̂·A·lp with lp = log ρ (lp_old = 0), d loss/d lp = -r̂·A); ε_low = ε_high = 0.2
+CISPO_CASES = [
+    (1.5, 1.0, 1.2, -1.2 * math.log(1.5), -1.2),  # above the band: weight 1.2, gradient kept (clip: 0)
+    (0.5, -1.0, 0.8, 0.8 * math.log(0.5), 0.8),  # below the band: weight 0.8, gradient kept (clip: 0)
+    (0.5, 1.0, 0.8, -0.8 * math.log(0.5), -0.8),  # below, A>0: clip would not bind, the weight still does
+    (1.1, -2.0, 1.1, 2.2 * math.log(1.1), 2.2),  # inside: weight ρ = 1.1, REINFORCE with importance weight
+]
+
+
+@pytest.mark.parametrize("ratio,adv,w,loss,dlp", CISPO_CASES)
+def test_cispo_token(ratio, adv, w, loss, dlp):
+    value, g, m = one_token("cispo", ratio, adv, eps_low=0.2, eps_high=0.2)
+    assert value == pytest.approx(loss, abs=1e-12)
+    assert g == pytest.approx(dlp, abs=1e-12)
+    assert m["clip_frac"] == (0.0 if w == ratio else 1.0)
+    assert m["ratio/mean"] == pytest.approx(ratio, abs=1e-12)
+
+
+def test_cispo_defaults_have_no_lower_bound():
+    # eps_low=None, eps_high=0.2: ρ = 0.5 keeps weight 0.5 (no lower bound), ρ = 3 gets 1.2
+    assert one_token("cispo", 0.5, -1.0)[1] == pytest.approx(0.5, abs=1e-12)  # -r̂·A = 0.5
+    assert one_token("cispo", 0.5, -1.0)[2]["clip_frac"] == 0.0
+    assert one_token("cispo", 3.0, -1.0)[1] == pytest.approx(1.2, abs=1e-12)
+    assert one_token("cispo", 3.0, -1.0)[2]["clip_frac"] == 1.0
+
+
+def test_cispo_on_policy_is_reinforce():
+    # ρ = 1 (lp_old = lp): the weight is 1 and the gradient is -A ∇lp, that of pg
+    lp = t([[-1.0, -2.0], [-0.5, 0.0]]).requires_grad_()
+    cols = {"logprobs": lp, "old_logprobs": lp.detach(), "advantages": t([[1.0, 1.0], [-2.0, 0.0]]), "response_mask": t([[1, 1], [1, 0]])}
+    assert torch.allclose(grad(run("cispo", cols).loss, lp), grad(run("pg", cols).loss, lp), atol=1e-12)
+
+
+# --- SAPO: a soft gate on both sides ------------------------------------------------------
+
+
+# f(ρ) = σ(τ(ρ-1))·4/τ, loss -f·A, d loss/d lp = -A·4σ(1-σ)·ρ; (ratio, A, τ_pos, τ_neg, loss, dlp, gate weight)
+SAPO_CASES = [
+    # on-policy: σ(0) = 0.5, loss -2A/τ, weight 1: the plain policy gradient
+    (1.0, 1.0, 1.0, 1.05, -2.0, -1.0, 1.0),
+    (1.0, -1.0, 1.0, 1.05, 2 / 1.05, 1.0, 1.0),  # A<0 takes τ_neg: 2/1.05 = 1.9047619
+    # τ = 4, ρ = 2, A>0: σ(4) = 0.9820138; weight 4·0.9820138·0.0179862 = 0.0706508; dlp = -0.0706508·2
+    (2.0, 1.0, 4.0, 4.0, -0.9820137900379085, -0.14130164970632886, 0.07065082485316443),
+    # τ = 4, ρ = 0.5, A<0: σ(-2) = 0.1192029; loss +0.1192029; weight 0.4199743; dlp = +0.4199743·0.5
+    (0.5, -1.0, 4.0, 4.0, 0.11920292202211755, 0.209987170807013, 0.419974341614026),
+    # the gate is symmetric in A: ρ = 0.5 with A>0 and ρ = 2 with A<0 are attenuated alike
+    (0.5, 1.0, 4.0, 4.0, -0.11920292202211755, -0.209987170807013, 0.419974341614026),
+    (2.0, -1.0, 4.0, 4.0, 0.9820137900379085, 0.14130164970632886, 0.07065082485316443),
+    # near on-policy: σ(0.4) = 0.5986877, weight 0.9610430, dlp = -0.9610430·1.1
+    (1.1, 1.0, 4.0, 4.0, -0.5986876601124521, -1.0571472812627283, 0.9610429829661166),
+]
+
+
+@pytest.mark.parametrize("ratio,adv,tau_pos,tau_neg,loss,dlp,weight", SAPO_CASES)
+def test_sapo_token(ratio, adv, tau_pos, tau_neg, loss, dlp, weight):
+    value, g, m = one_token("sapo", ratio, adv, tau_pos=tau_pos, tau_neg=tau_neg)
+    assert value == pytest.approx(loss, abs=1e-12)
+    assert g == pytest.approx(dlp, abs=1e-12)
+    tau = tau_pos if adv > 0 else tau_neg
+    assert g == pytest.approx(-adv * ratio / math.cosh(tau * (ratio - 1) / 2) ** 2, abs=1e-12)  # -Aρ sech²(τ(ρ-1)/2)
+    assert m["gate/mean"] == pytest.approx(weight, abs=1e-12)
+    assert m["gate_frac"] == (1.0 if weight < 0.5 else 0.0)
+
+
+def test_sapo_temperature_follows_the_sign_of_the_advantage():
+    # ρ = 1.5 with τ_pos = 1, τ_neg = 3: A>0 gate σ(0.5)·4 = 2.4975; A<0 gate σ(1.5)·4/3 = 1.0839
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    assert one_token("sapo", 1.5, 1.0, tau_pos=1.0, tau_neg=3.0)[0] == pytest.approx(-4 * sig(0.5), abs=1e-12)
+    assert one_token("sapo", 1.5, -1.0, tau_pos=1.0, tau_neg=3.0)[0] == pytest.approx(4 / 3 * sig(1.5), abs=1e-12)
+
+
+# --- pg: vanilla policy gradient -----------------------------------------------------------
+
+
+def test_pg_by_hand_and_not_clip_off_policy():
+    # ℓ = -A·lp: row 0 A = 1, lp = [-1, -2] → [1, 2]; row 1 A = -2, lp = -0.5 → -1; token-mean (1+2-1)/3
+    lp = t([[-1.0, -2.0], [-0.5, 9.0]]).requires_grad_()
+    cols = {"logprobs": lp, "advantages": t([[1.0, 1.0], [-2.0, 1e6]]), "response_mask": t([[1, 1], [1, 0]])}
+    term = run("pg", cols)
+    assert term.loss.item() == pytest.approx(2 / 3, abs=1e-12)
+    assert torch.allclose(grad(term.loss, lp), t([[-1 / 3, -1 / 3], [2 / 3, 0.0]]), atol=1e-12)  # -A/N
+    assert set(term.metrics) == {"loss/pg", "entropy/mean"}
+    # clip with ρ ≠ 1 (second update on a batch) has another gradient: -Aρ/N, or 0 where it clips
+    off = {**cols, "old_logprobs": lp.detach() - t([[0.1, 0.5], [0.0, 0.0]])}  # ρ = e^0.1, e^0.5, 1
+    assert not torch.allclose(grad(run("clip", off).loss, lp), grad(run("pg", off).loss, lp), atol=1e-6)
+
+
+# --- the runner: one forward gives the log-probs and the entropy ----------------------------
+
+
+def test_runner_needs_name_the_entropy():
+    from rlflow.nodes.loss import LossRunner
+
+    assert LossRunner(Loss("clip")).needs == "logprobs+entropy"  # a metric: no gradient
+    assert LossRunner(Loss("sapo", entropy_coef=0.01)).needs == "logprobs+entropy_grad"  # in the loss
+    assert LossRunner(Loss("nll")).needs == "logprobs"
+    assert LossRunner(Loss("value", model="critic")).needs == "values"
+    assert Loss("gspo").needs == "logprobs"  # the spec's need (model head checks) is unchanged
+
+
+@pytest.mark.parametrize("needs,grad_expected", [({"logprobs", "logprobs+entropy"}, False), ({"logprobs+entropy_grad", "logprobs"}, True),
+                                                  ({"logprobs"}, None)])
+def test_runner_outputs_entropy_from_the_same_forward(needs, grad_expected):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlflow.forward import response_logprobs_and_entropy
+    from rlflow.nodes.loss import LossRunner
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    micro = {"prompt_ids": torch.tensor([[0, 3, 4], [5, 6, 7]]), "prompt_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+             "response_ids": torch.tensor([[8, 9], [2, 0]]), "response_mask": torch.tensor([[1.0, 1.0], [1.0, 0.0]])}
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    out = LossRunner(Loss("clip", temperature=0.7)).outputs(SimpleNamespace(engine=model), micro, needs)
+    assert len(calls) == 1 and out["logprobs"].requires_grad
+    if grad_expected is None:
+        assert set(out) == {"logprobs"}
+        return
+    lp, ent = response_logprobs_and_entropy(model, *micro.values(), temperature=0.7)
+    assert set(out) == {"logprobs", "entropy"} and out["entropy"].requires_grad is grad_expected
+    assert torch.allclose(out["logprobs"], lp) and torch.allclose(out["entropy"], ent)
+
+
 # --- the invariant: micro-batch shares sum to the mini-batch loss and gradient ----------
 
 
@@ -559,6 +832,7 @@ def random_batch(seed: int, B: int = 12, T: int = 7, pairs: bool = False) -> dic
         chosen = torch.zeros(B, dtype=F64)
     return {
         "logprobs": (lp * mask).requires_grad_(),
+        "entropy": (2 * torch.rand(B, T, generator=g, dtype=F64) * mask).requires_grad_(),
         "old_logprobs": lp + 0.4 * torch.randn(B, T, generator=g, dtype=F64),  # ratios well outside [0.8, 1.2]
         "ref_logprobs": lp + 0.5 * torch.randn(B, T, generator=g, dtype=F64),
         "advantages": torch.randn(B, T, generator=g, dtype=F64) * mask,
@@ -597,6 +871,15 @@ INVARIANT = (
     + [("nll", {"agg": m, "where": "correct"}) for m in AGG_MODES]
     + [("dpo", {}), ("dpo", {"label_smoothing": 0.2, "beta": 0.5}), ("dpo", {"ipo": True})]
     + [("bradley_terry", {})]
+    + [("clip", {"agg": "seq-mean-token-sum-norm", "entropy_coef": 0.01})]
+    + [("gspo", {"agg": m}) for m in AGG_MODES]
+    + [("gspo", {"agg": m, "eps_low": 0.2, "eps_high": 0.3, "kl_coef": 0.1, "entropy_coef": 0.01}) for m in AGG_MODES]
+    + [("cispo", {"agg": m}) for m in AGG_MODES]
+    + [("cispo", {"agg": m, "eps_low": 0.2, "kl_coef": 0.1, "kl": "abs", "entropy_coef": 0.01}) for m in AGG_MODES]
+    + [("sapo", {"agg": m}) for m in AGG_MODES]
+    + [("sapo", {"agg": m, "tau_pos": 2.0, "tau_neg": 4.0, "kl_coef": 0.1, "entropy_coef": 0.01}) for m in AGG_MODES]
+    + [("pg", {"agg": m}) for m in AGG_MODES]
+    + [("pg", {"agg": m, "kl_coef": 0.1, "kl": "k2", "entropy_coef": 0.01}) for m in AGG_MODES]
 )
 
 
@@ -609,16 +892,23 @@ def test_micro_batch_shares_sum_to_mini_batch(name, params):
     variant = LOSSES[name]
     pairs = name in ("dpo", "bradley_terry")
     batch = random_batch(3, pairs=pairs)
-    leaf = batch[OUTPUT[variant.needs]]
+    leaves = [batch[c] for c in sorted(outputs_of(variant))]  # every model output, the entropy included
+
+    def grads(loss):
+        return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, torch.autograd.grad(loss, leaves, allow_unused=True))]
+
     counts = count(variant.mask(batch, params), group=batch["group"], constant=10.0)  # once, whole mini-batch
     whole = variant.fn(batch, counts, **params).loss
-    g_whole = grad(whole, leaf)
-    assert whole.abs().item() > 1e-4 and g_whole.abs().max().item() > 1e-4  # not vacuous
+    g_whole = grads(whole)
+    assert whole.abs().item() > 1e-4 and g_whole[-1 if variant.entropy else 0].abs().max().item() > 1e-4  # not vacuous
+    if params.get("entropy_coef", 0.0) > 0:
+        assert g_whole[0].abs().max().item() > 1e-6  # the entropy bonus has a gradient too
     for size in (1, 2, 5, 12):
         parts = micro_batches(batch, size, seed=size, pairs=pairs)
         total = sum(variant.fn({k: v[rows] for k, v in batch.items()}, counts, **params).loss for rows in parts)
         assert torch.allclose(total, whole, rtol=0, atol=1e-10), (size, total.item(), whole.item())
-        assert torch.allclose(grad(total, leaf), g_whole, rtol=0, atol=1e-10), size
+        for g, g0 in zip(grads(total), g_whole):
+            assert torch.allclose(g, g0, rtol=0, atol=1e-10), size
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
