@@ -45,24 +45,33 @@ class RefillError(RuntimeError):
 
 
 class Observer:
-    """Receives the engine's events. The default prints nothing."""
+    """Receives the engine's events. The default prints nothing.
+
+    ``doing`` says what set-up does now (before ``start``); ``building`` gives the observer
+    of a training run that builds a model during set-up (a provider's ``train``);
+    ``samples`` are the rows a step wrote to samples.jsonl.
+    """
 
     def message(self, text: str) -> None: ...
+    def doing(self, text: str) -> None: ...
+    def building(self, name: str, steps: int) -> "Observer": return Observer()
     def start(self, run: "Run") -> None: ...
     def step(self, step: int, record: dict[str, Any]) -> None: ...
+    def samples(self, step: int, lines: list[dict[str, Any]]) -> None: ...
     def evaluated(self, step: int, figures: dict[str, float]) -> None: ...
     def end(self, summary: dict[str, Any]) -> None: ...
 
 
-def train_pipeline(pipeline: Pipeline, out_dir: Path) -> Path:
-    """Run ``pipeline`` to the end in ``out_dir``, quietly; the directory of its final model.
+def train_pipeline(pipeline: Pipeline, out_dir: Path, observer: Optional[Observer] = None) -> Path:
+    """Run ``pipeline`` to the end in ``out_dir`` (quietly, unless ``observer`` watches); the
+    directory of its final model.
 
     Model providers receive this as ``train`` (``rlflow.provider.Train``) to build a model
     by training (``builtin:tiny-arith`` runs ``pipelines/sft.py``) without importing the engine.
     """
     from rlflow.graph import build
 
-    run = Run(pipeline, build(pipeline), out_dir)
+    run = Run(pipeline, build(pipeline), out_dir, observer=observer or Observer())
     try:
         run.setup()
         run.train()
@@ -129,9 +138,13 @@ class Run:
 
     def _place_models(self) -> None:
         tokenizers: dict[str, Any] = {}
+        def train(pipeline: Pipeline, out_dir: Path) -> Path:  # a provider's build, watched by the observer
+            return train_pipeline(pipeline, out_dir, self.observer.building(spec.path, pipeline.steps))
+
         for name, spec in self.pipeline.models.items():
             t0 = time.perf_counter()
-            self.workers[name] = place(name, spec, on_build=self.observer.message, shared=tokenizers, train=train_pipeline)
+            self.observer.doing(f"placing {name} ({spec.path})")
+            self.workers[name] = place(name, spec, on_build=self.observer.message, shared=tokenizers, train=train)
             kind = "trainable" if spec.train else "frozen"
             self.observer.message(f"placed {name} ({spec.path}, {kind}, head={spec.head}, ZeRO-{spec.zero_stage}, "
                                   f"{spec.precision}) in {time.perf_counter() - t0:.1f}s")
@@ -168,8 +181,9 @@ class Run:
             record, batch = self._step(step)
             if every and step % every == 0 and step != steps:
                 record.update(self.evaluate(step))
-            self.records.write(record, batch)
+            lines = self.records.write(record, batch)
             self.observer.step(step, record)
+            self.observer.samples(step, lines)
             if self.pipeline.save_every and step % self.pipeline.save_every == 0:
                 self.checkpoint(step)
         after = self.evaluate(steps)
@@ -230,7 +244,7 @@ class Run:
         kept: list[Batch] = []
         rounds = groups = 0
         seen = 0.0
-        rewards: list[float] = []
+        rewards: dict[str, list[float]] = {}  # reward/mean and each part, per round
         while groups < plan.target_groups:
             if rounds >= plan.max_rounds:
                 if plan.allow_short and groups:
@@ -245,13 +259,15 @@ class Run:
             for r in head + [f]:
                 batch = self._run_node(r, batch, times, metrics)
             seen += metrics["filter/groups_seen"]
-            rewards += [v for k, v in metrics.items() if k == "reward/mean"]
+            for k, v in metrics.items():
+                if k.startswith("reward/"):
+                    rewards.setdefault(k, []).append(v)
             kept.append(batch)
             groups += int(torch.unique(batch["group"]).numel()) if len(batch) else 0
         metrics.update({"filter/rounds": float(rounds), "filter/groups_seen": seen, "filter/groups_kept": float(groups),
                         "filter/keep_frac": groups / max(seen, 1.0)})
-        if rewards:  # every sample scored, over every round (rounds have equal sizes)
-            metrics["reward/mean"] = sum(rewards) / len(rewards)
+        # every sample scored, over every round (rounds have equal sizes): the mean and each part alike
+        metrics.update({k: sum(v) / len(v) for k, v in rewards.items()})
         return f.truncate(Batch.cat(kept), plan.target_groups)
 
     def _run_node(self, r, batch: Batch, times: Timings, metrics: dict[str, float]) -> Batch:

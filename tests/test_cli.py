@@ -44,7 +44,7 @@ def test_graph_shows_nodes_models_and_edges(capsys):
     text = capsys.readouterr().out
     for words in ("actor: builtin:tiny-arith", "ref: builtin:tiny-arith", "advantage [advantage:group_norm]",
                   "← score: rewards", "← ref_logprob: ref_logprobs", "kl_coef=0.04", "agg=seq-mean-token-mean",
-                  "update: 1 epoch(s) x 1 mini-batch(es)"):
+                  "update: 1 epoch x 1 mini-batch"):
         assert words in text, words
 
 
