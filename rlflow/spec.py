@@ -134,9 +134,18 @@ class Model(Spec):
 
 
 class DataSource(Spec):
+    """Rows from ``source``: a ``builtin:`` name, a ``.jsonl`` file, a ``.json``/``.csv``/``.parquet``
+    file or a directory (read through ``datasets``), or a Hugging Face dataset name
+    (``openai/gsm8k``, from the local cache when the hub cannot be reached)."""
+
     source: str
     batch_size: int = Field(16, ge=1, description="prompts (or pairs) per iteration")
-    eval_source: Optional[str] = Field(None, description="held-out rows (jsonl); built-in data has its own eval split")
+    eval_source: Optional[str] = Field(None, description="held-out rows (a file or dataset as source); built-in data "
+                                       "has its own eval split; default with eval_split: the source itself")
+    subset: Optional[str] = Field(None, description="the dataset's configuration name (Hugging Face datasets: "
+                                  "load_dataset(source, subset)), e.g. 'main' for openai/gsm8k")
+    split: str = Field("train", description="the split trained on (datasets read through the datasets library)")
+    eval_split: Optional[str] = Field(None, description="the held-out split (e.g. 'test'), of eval_source or else of source")
 
     def __init__(self, source: Optional[str] = None, /, **kw: Any):
         if source is not None:
@@ -152,11 +161,21 @@ class DataSource(Spec):
 
 
 class Prompts(DataSource):
-    """Prompts with reference answers: ``builtin:arith``, a ``.jsonl`` file or a saved ``datasets`` dataset."""
+    """Prompts with reference answers: ``builtin:arith``, data files or a ``datasets`` dataset.
+
+    A prompt is plain text, used as it is, or a chat — a list of ``{"role", "content"}``
+    messages, in ``prompt_field`` or in ``messages_field`` — rendered with the model
+    tokenizer's chat template (``apply_chat_template(..., add_generation_prompt=True)``).
+    """
 
     kind: Literal["prompts"] = "prompts"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    messages_field: Optional[str] = Field(None, description="a field holding each prompt as chat messages "
+                                          "(rendered with the tokenizer's chat template); replaces prompt_field")
+
+    def text_fields(self) -> dict[str, str]:
+        return {"messages_field": self.messages_field} if self.messages_field else super().text_fields()
 
 
 class Demonstrations(DataSource):
