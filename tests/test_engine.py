@@ -130,6 +130,27 @@ def test_dynamic_sampling_refills_to_the_target(tmp_path):
     assert metrics["filter/rounds"] >= 1
 
 
+def test_dynamic_sampling_averages_every_reward_part_over_the_rounds(tmp_path):
+    """reward/<rule> is averaged over every refill round like reward/mean, so the parts still
+    add up to the mean (weights 1): the first round scores 1 everywhere (every group dropped)."""
+    calls = []
+
+    def first_round_uniform(resp, row):
+        calls.append(1)
+        return 1.0 if len(calls) <= 12 else float(len(resp) % 2)
+
+    actor = Model(INIT, train=True, lr=1e-3)
+    p = Pipeline(name="d", data=Prompts("builtin:arith", batch_size=3), models={"actor": actor},
+                 nodes=[Generate("actor", n=4, max_new_tokens=4),
+                        Score(rules={"a": (first_round_uniform, 1.0), "b": (lambda resp, row: 0.5, 1.0)}),
+                        Filter("dynamic", metric="rewards_a", target_groups=3, max_rounds=50), Advantage("group_norm"),
+                        Loss("clip")], steps=1, eval=None)
+    _, _, metrics = run_of(p, tmp_path).experience()
+    assert metrics["filter/rounds"] >= 2
+    assert metrics["reward/a"] < 1.0  # not the first round's alone, nor any single round's
+    assert metrics["reward/mean"] == pytest.approx(metrics["reward/a"] + metrics["reward/b"], abs=1e-6)
+
+
 def test_dynamic_sampling_out_of_rounds_is_a_clear_error(tmp_path):
     actor = Model(INIT, train=True)
     p = Pipeline(name="d", data=Prompts("builtin:arith", batch_size=2), models={"actor": actor},
