@@ -44,7 +44,21 @@ def _shown_keys(node) -> list[str]:
     return list(node.params())
 
 
+_OFF = {"top_k": 0, "top_p": 1.0, "coef": 1.0, "mask": "response_mask"}  # settings at their neutral value
+
+
+def _in_effect(k: str, v: Any, params: dict[str, Any]) -> bool:
+    """Whether setting ``k = v`` changes anything: not a zero coefficient, a KL estimator without
+    a KL penalty, an overlong penalty without its buffer, or a sampling filter that is off."""
+    if (k.endswith("_coef") and v == 0) or _OFF.get(k, object()) == v:
+        return False
+    if k == "kl" and params.get("kl_coef", 1) == 0:
+        return False
+    return not (k == "overlong_penalty" and not params.get("overlong_buffer"))
+
+
 def node_params(node, everything: bool = False) -> str:
+    """The node's settings as ``k=v``: those in effect, or every one with ``everything``."""
     params = node.params()
     keys = list(params) if everything else [k for k in dict.fromkeys(_shown_keys(node)) if k in params]
     shown = []
@@ -52,10 +66,8 @@ def node_params(node, everything: bool = False) -> str:
         v = params[k]
         if k in ("variant", "model") or v is None or v is False or (isinstance(v, dict) and not v):
             continue
-        if not everything and ((k == "coef" and v == 1.0) or (k == "kl_coef" and v == 0) or v == "response_mask"
-                               or (k == "kl" and params.get("kl_coef", 1) == 0)):
-            continue  # a KL estimator with no KL penalty is not in effect
-        shown.append(f"{k}={_fmt(v)}")
+        if everything or _in_effect(k, v, params):
+            shown.append(f"{k}={_fmt(v)}")
     return " ".join(shown)
 
 
