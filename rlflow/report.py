@@ -17,7 +17,7 @@ from typing import Any, Optional
 from rich.console import Group
 from rich.text import Text
 
-from rlflow.charts import PALETTE, Series, bar_chart, legend, line_chart, num, plural
+from rlflow.charts import PALETTE, Series, bar_chart, legend, line_chart, num, plural, sparkline
 from rlflow.loader import UserError
 from rlflow.records import node_totals, reward_window
 
@@ -206,10 +206,20 @@ def headline(run: RunData, label: str) -> str:
     return "; ".join(parts)
 
 
+def _headline_text(run: RunData, label: str, width: int) -> Text:
+    """The headline, cut to ``width``, with a reward sparkline in what room is left."""
+    line = headline(run, label)
+    line = line if len(line) <= width else line[: width - 1] + "…"
+    room = min(40, width - len(line) - 2)
+    rewards = [r["reward/mean"] for r in run.records if isinstance(r.get("reward/mean"), (int, float))]
+    spark = sparkline(rewards, room) if room >= 8 else ""
+    return Text(line + (f"  {spark}" if spark else ""), style=run.color)
+
+
 def dashboard(runs: list[RunData], width: int, samples: int = 8) -> Group:
     """The whole terminal report of ``runs`` in ``width`` columns."""
     names = labels(runs)
-    parts: list[Any] = [Text(headline(r, n), style=r.color) for r, n in zip(runs, names)]
+    parts: list[Any] = [_headline_text(r, n, width) for r, n in zip(runs, names)]
     if len(runs) > 1:
         parts.append(legend([Series(n, [], [], r.color) for r, n in zip(runs, names)], width))
     parts.append(Text(""))
