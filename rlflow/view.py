@@ -345,6 +345,7 @@ class LiveView:
     def start(self, run) -> None:
         self.setup.stop()
         self.setup_s = time.perf_counter() - self.t0
+        self.progress.reset(self.task, total=self.steps)  # its clock counts training, not set-up
         if run is not None:
             self.line = StepLine.of(run.pipeline)
             self.models = node_models(run.pipeline.to_config())
