@@ -1,8 +1,11 @@
-"""What the terminal shows: the graph, the live per-node table, the summary.
+"""What the terminal shows: the graph, set-up, the live per-node table and step line, the summary.
 
-The terminal observes; it does not steer. The engine emits events to an ``Observer``;
-these renderers are pure functions from state to a rich renderable, and ``LiveView``
-redraws them. Only rank 0 prints; output is plain lines when stdout is not a TTY.
+The terminal observes; it does not steer. The engine emits events to an ``Observer``
+(set-up: ``doing``, ``building``, ``message``; then ``start``, ``step``, ``samples``,
+``evaluated``, ``end``); these renderers are pure functions from state to a rich
+renderable or a line, and ``LiveView`` redraws them. ``Fanout`` passes the events to the
+view and the trackers (:mod:`rlflow.trackers`) alike. Only rank 0 prints; output is plain
+lines when stdout is not a TTY. docs/watching.md shows what each part means.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from typing import Any, Optional
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.spinner import Spinner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
