@@ -53,3 +53,15 @@ def barrier() -> None:
 
     if world_size() > 1:
         dist.barrier()
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over all ranks (the value itself in one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

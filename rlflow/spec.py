@@ -567,6 +567,8 @@ class Pipeline(Spec):
     seed: int = Field(0, ge=0, lt=2**32)
     eval: Optional[Eval] = Field(default_factory=Eval)
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final model)")
+    max_skipped_steps: int = Field(3, ge=1, description="stop (with a checkpoint of the last finite weights) after this "
+                                   "many steps in a row whose update was skipped for a non-finite loss or gradient")
     phases: list[Phase] = Field(default_factory=list)
 
     @model_validator(mode="after")

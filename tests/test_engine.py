@@ -48,9 +48,9 @@ def test_update_is_invariant_to_micro_batch_size(agg, tmp_path):
         worker = run.workers["actor"]
         step = worker.step
 
-        def capture(step=step, worker=worker):
+        def capture(step=step, worker=worker, **kw):
             grads.append(torch.cat([p.grad.flatten().clone() for p in worker.module.parameters()]))
-            return step()
+            return step(**kw)
 
         worker.step = capture
         run.train(1)
@@ -70,9 +70,9 @@ def test_entropy_bonus_from_the_same_forward_is_invariant_to_micro_batch_size(lo
         worker = run.workers["actor"]
         step = worker.step
 
-        def capture(step=step, worker=worker):
+        def capture(step=step, worker=worker, **kw):
             grads.append(torch.cat([p.grad.flatten().clone() for p in worker.module.parameters()]))
-            return step()
+            return step(**kw)
 
         worker.step = capture
         run.train(1)
