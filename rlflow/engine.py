@@ -136,12 +136,13 @@ class Run:
 
     def _rule_pool(self):
         """The run's pool of reward-rule workers, when a Score node has rules (started now, so
-        its workers start while the first batch is generated)."""
-        if not any(getattr(n, "rules", None) for n in self.pipeline.nodes):
+        its workers start while the first batch is generated); sized by the first such node."""
+        scores = [n for n in self.pipeline.nodes if getattr(n, "rules", None)]
+        if not scores:
             return None
         from rlflow.rules import RulePool
 
-        pool = RulePool()
+        pool = RulePool(scores[0].rule_workers, timeout_s=scores[0].rule_timeout_s)
         pool.start()
         return pool
 

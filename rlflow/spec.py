@@ -328,6 +328,10 @@ class Score(Node):
     max_new_tokens: Optional[int] = Field(None, ge=1, description="L_max of the overlong punishment; "
                                           + _FROM_GENERATE.format("max_new_tokens"))
     score_greedy: bool = False
+    rule_timeout_s: float = Field(10.0, gt=0, description="a rule still running on one sample after this long is "
+                                  "killed (its worker process), and the run stops naming the sample")
+    rule_workers: Optional[int] = Field(None, ge=0, description="processes the rules run in; None: the cores torch does "
+                                        "not use (at least 1); 0: in the training process (for debugging)")
 
     @model_validator(mode="before")
     @classmethod
