@@ -2,6 +2,7 @@
 checkpoints, failures. Uses builtin:tiny-arith-init (no SFT needed) to stay fast."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -259,7 +260,8 @@ def test_reward_model_trained_then_used_by_path_in_ppo(reward_from, tmp_path):
     run = run_of(ppo, tmp_path, "ppo")
     batch, _, metrics = run.experience()
     assert "reward/model" in metrics and batch["rewards"].abs().sum() > 0
-    run.update(batch)
+    upd = run.update(batch)
+    assert math.isfinite(upd["loss/pg"]) and math.isfinite(upd["loss/value"]) and upd["grad_norm/critic"] > 0
 
 
 def test_recomputed_old_logprobs_match_the_sampling_pass(tmp_path):
@@ -318,6 +320,7 @@ def test_dropout_is_disabled_on_placed_models(tmp_path):
     mods = [m for m in run.workers["actor"].module.modules() if isinstance(m, torch.nn.Dropout)]
     assert mods and all(m.p == 0.0 for m in mods)
     run.train(1)  # a GPT-2 goes through the same code as the built-in Llama
+    assert len(run.history) == 1 and math.isfinite(run.history[0]["loss/pg"])
 
 
 def test_a_failing_step_leaves_a_checkpoint_to_resume_from(tmp_path):
