@@ -461,9 +461,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             traceback.print_exc()
         err.print(f"error: {e}", markup=False)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", 2)  # rlflow.engine.Stopped: a signal ended the run after a checkpoint
+        err.print("stopped" if hasattr(e, "signum") else "interrupted", markup=False)
+        return 128 + signum
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages
         if debug:
             traceback.print_exc()

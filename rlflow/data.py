@@ -169,6 +169,9 @@ def make_batch(spec: DataSource, rows: list[dict[str, Any]], tokenizer, first_gr
     return b
 
 
+EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with seed s * stride + e (a prime: no overlap)
+
+
 class DataStream:
     """Endless seeded batches of ``spec.batch_size`` rows, epoch after epoch.
 
@@ -189,7 +192,7 @@ class DataStream:
         self._order = self._shuffle()
 
     def _shuffle(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + self.epoch)
         return torch.randperm(len(self.rows), generator=g).tolist()
 
     def next(self) -> Batch:

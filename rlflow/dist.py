@@ -35,16 +35,25 @@ def all_reduce_sum(tensor):
     return out
 
 
-def all_reduce_min(value: int) -> int:
-    """The smallest ``value`` over all ranks (the value itself in one process)."""
+def _all_reduce_int(value: int, op: str) -> int:
     import torch
     import torch.distributed as dist
 
     if world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return int(t.item())
+
+
+def all_reduce_min(value: int) -> int:
+    """The smallest ``value`` over all ranks (the value itself in one process)."""
+    return _all_reduce_int(value, "MIN")
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over all ranks (the value itself in one process)."""
+    return _all_reduce_int(value, "MAX")
 
 
 def barrier() -> None:
@@ -53,3 +62,4 @@ def barrier() -> None:
 
     if world_size() > 1:
         dist.barrier()
+

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -42,6 +45,18 @@ SAMPLER_SEED_STRIDE = 7919  # each rank's sampler is seeded seed + stride * rank
 
 class RefillError(RuntimeError):
     """Dynamic sampling ran out of rounds before keeping enough groups."""
+
+
+class NonFiniteUpdates(RuntimeError):
+    """Too many steps in a row skipped their update for a non-finite loss or gradient."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on a signal after saving a checkpoint; ``signum`` is the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class Observer:
@@ -96,10 +111,13 @@ class Run:
     start_step: int = 0  # the last step done before this process started (resume)
     resumed_eval: dict[str, float] = field(default_factory=dict)
     lock: Optional[rundir.Lock] = None  # the run directory's lock (taken in setup unless given)
+    skipped_in_a_row: int = 0  # consecutive steps whose update was skipped (non-finite)
 
     def __post_init__(self):
         self.pipeline = self.graph.pipeline
         self.records: Optional[Records] = None
+        self._stepped = False  # an optimizer step of the current step has been taken
+        self._signal = 0  # a signal asked the run to stop after this step
 
     # --- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -127,12 +145,13 @@ class Run:
 
     def _rule_pool(self):
         """The run's pool of reward-rule workers, when a Score node has rules (started now, so
-        its workers start while the first batch is generated)."""
-        if not any(getattr(n, "rules", None) for n in self.pipeline.nodes):
+        its workers start while the first batch is generated); sized by the first such node."""
+        scores = [n for n in self.pipeline.nodes if getattr(n, "rules", None)]
+        if not scores:
             return None
         from rlflow.rules import RulePool
 
-        pool = RulePool()
+        pool = RulePool(scores[0].rule_workers, timeout_s=scores[0].rule_timeout_s)
         pool.start()
         return pool
 
@@ -177,15 +196,18 @@ class Run:
         if dist.rank() == 0 and not self.start_step:
             write_json(self.out_dir / "eval_before.json", before)
         started = time.perf_counter()
-        for step in range(self.start_step + 1, steps + 1):
-            record, batch = self._step(step)
-            if every and step % every == 0 and step != steps:
-                record.update(self.evaluate(step))
-            lines = self.records.write(record, batch)
-            self.observer.step(step, record)
-            self.observer.samples(step, lines)
-            if self.pipeline.save_every and step % self.pipeline.save_every == 0:
-                self.checkpoint(step)
+        with self._signals_end_the_step():
+            for step in range(self.start_step + 1, steps + 1):
+                record, batch = self._step(step)
+                if every and step % every == 0 and step != steps:
+                    record.update(self.evaluate(step))
+                lines = self.records.write(record, batch)
+                self.observer.step(step, record)
+                self.observer.samples(step, lines)
+                saved = self.pipeline.save_every and step % self.pipeline.save_every == 0
+                if saved:
+                    self.checkpoint(step)
+                self._stop_if_asked(step, record, saved)
         after = self.evaluate(steps)
         self.save_final()
         summary = self.records.summary(self.pipeline.name, before, after, time.perf_counter() - started)
@@ -196,11 +218,13 @@ class Run:
         return summary
 
     def _step(self, step: int) -> tuple[dict[str, Any], Batch]:
-        """One iteration. A failure or interruption anywhere in it leaves a checkpoint of the
-        last finished step (the models are restored to it first if the update had begun)."""
+        """One iteration. A failure in it leaves a checkpoint of the last finished step, as
+        long as no optimizer step of this one had been taken (the weights are then exactly
+        the last finished step's); after one, the newest checkpoint is the last saved."""
         self.ctx.step = step
         t0 = time.perf_counter()
         rng_before = self._rng_state()
+        self._stepped = False
         try:
             batch, times, metrics = self.experience()
             # every rank takes the same number of optimizer steps: all update, or none does
@@ -209,10 +233,56 @@ class Run:
             else:
                 metrics["update/skipped"] = 1.0
                 self.observer.message(f"step {step}: the filters kept no rows (on some rank); no update this step")
-        except BaseException:  # a failing rule, Ctrl-C, ...: keep what the finished steps learned
-            self._rescue(step - 1, rng_before)
+        except BaseException:  # a failing rule, a second Ctrl-C, ...: keep what the finished steps learned
+            if self._stepped:
+                self.observer.message(f"stopped during the update of step {step}, after optimizer steps; "
+                                      "the newest checkpoint is the last one saved")
+            else:
+                self._rescue(step - 1, rng_before)
             raise
         return step_record(step, batch, times, metrics, time.perf_counter() - t0), batch
+
+    # --- stopping: signals and non-finite updates -------------------------------------------
+    @contextmanager
+    def _signals_end_the_step(self):
+        """SIGINT (Ctrl-C) and SIGTERM (what schedulers send) end the run after the current
+        step, with a checkpoint of it; a second one stops at once (the last finished step is
+        then saved if the update had not begun). Main thread only; the old handlers come back."""
+        self._signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum, frame):
+            if self._signal:
+                raise KeyboardInterrupt
+            self._signal = signum
+            self.observer.message(f"{signal.Signals(signum).name}: stopping after step {self.ctx.step} "
+                                  "(with a checkpoint); send it again to stop now")
+
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _stop_if_asked(self, step: int, record: dict[str, Any], saved: bool) -> None:
+        """After a step: stop on a signal (any rank's), or after too many skipped updates in a row."""
+        skipped = any(v for k, v in record.items() if k.startswith("update/nonfinite_skipped/"))
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        signum = dist.all_reduce_max(self._signal)
+        too_many = self.skipped_in_a_row >= self.pipeline.max_skipped_steps
+        if not signum and not too_many:
+            return
+        path = self.checkpoint(step) if not saved else self.out_dir / "checkpoints" / f"step_{step}"
+        if too_many:
+            raise NonFiniteUpdates(f"the last {self.skipped_in_a_row} steps each skipped their update for a non-finite "
+                                   f"loss or gradient (max_skipped_steps={self.pipeline.max_skipped_steps}); saved the "
+                                   f"last finite weights in {path}. Lower the learning rate, check the rewards, or "
+                                   f"resume with --resume {self.out_dir}")
+        self.observer.message(f"stopped after step {step}; saved {path} — continue with --resume {self.out_dir}")
+        raise Stopped(signum)
 
     def _experience_runners(self) -> list:
         return [self.runners[n.name] for n in self.graph.experience_order()]
@@ -312,11 +382,13 @@ class Run:
 
     def _train_model(self, worker: Worker, runners: list, mini: Batch) -> dict[str, float]:
         """One optimizer step of ``worker`` on a mini-batch: gradients accumulated over its
-        micro-batches; each term's denominators are the whole mini-batch's."""
+        micro-batches; each term's denominators are the whole mini-batch's. A non-finite loss
+        on any rank (or a non-finite gradient norm) skips the step on every rank."""
         counts = [r.counts(mini) for r in runners]
         needs = {r.needs for r in runners}
         micros = mini.split(worker.spec.micro_batch_size or len(mini))
         metrics: dict[str, list[float]] = {}
+        bad = False
         for i, micro in enumerate(micros):
             micro = runners[0].inputs(micro, self.ctx)
             cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs)}
@@ -326,10 +398,14 @@ class Run:
                 total = total + term.loss
                 for k, v in term.metrics.items():
                     metrics.setdefault(k, []).append(v)
+            finite = bool(torch.isfinite(total.detach()).all())
+            bad = bad or not finite
             # DeepSpeed averages gradients over ranks; the loss is already a global mean
-            worker.backward(total * dist.world_size(), last=i == len(micros) - 1)
-        norm = worker.step()
+            worker.backward((total if finite else worker.zero_loss()) * dist.world_size(), last=i == len(micros) - 1)
+        norm, skipped = worker.step(skip=dist.all_reduce_max(int(bad)) > 0)
+        self._stepped = self._stepped or not skipped
         out = {k: sum(v) / len(v) for k, v in metrics.items()}
+        out[f"update/nonfinite_skipped/{worker.name}"] = float(skipped)
         if norm is not None:
             out[f"grad_norm/{worker.name}"] = norm
         return out

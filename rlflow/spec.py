@@ -347,6 +347,10 @@ class Score(Node):
     max_new_tokens: Optional[int] = Field(None, ge=1, description="L_max of the overlong punishment; "
                                           + _FROM_GENERATE.format("max_new_tokens"))
     score_greedy: bool = False
+    rule_timeout_s: float = Field(10.0, gt=0, description="a rule still running on one sample after this long is "
+                                  "killed (its worker process), and the run stops naming the sample")
+    rule_workers: Optional[int] = Field(None, ge=0, description="processes the rules run in; None: the cores torch does "
+                                        "not use (at least 1); 0: in the training process (for debugging)")
 
     @model_validator(mode="before")
     @classmethod
@@ -586,6 +590,8 @@ class Pipeline(Spec):
     seed: int = Field(0, ge=0, lt=2**32)
     eval: Optional[Eval] = Field(default_factory=Eval)
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final model)")
+    max_skipped_steps: int = Field(3, ge=1, description="stop (with a checkpoint of the last finite weights) after this "
+                                   "many steps in a row whose update was skipped for a non-finite loss or gradient")
     phases: list[Phase] = Field(default_factory=list)
 
     @model_validator(mode="after")
