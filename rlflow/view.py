@@ -57,6 +57,19 @@ def node_params(node, everything: bool = False) -> str:
     return " ".join(shown)
 
 
+def model_line(name: str, m, base_of: Optional[str] = None) -> str:
+    """One model of the graph's models section; ``base_of`` names the LoRA model whose
+    module this frozen model shares (its adapter disabled)."""
+    if base_of is not None:
+        return f"{name}: {base_of}'s base (adapter disabled, shared)  {m.path}  head={m.head} frozen"
+    flags = f"trainable lr={m.lr:g}" if m.train else "frozen"
+    if m.train and m.lora is not None:
+        targets = m.lora.target_modules
+        flags += f" LoRA(r={m.lora.r} alpha={m.lora.alpha:g} on {targets if isinstance(targets, str) else ','.join(targets)})"
+    head = f"{m.head}({m.reward_from})" if m.head == "reward" else m.head
+    return f"{name}: {m.path}  head={head} {flags} ZeRO-{m.zero_stage} {m.precision}"
+
+
 def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
     """The DAG as a tree of stages: each node with its kind, model, key parameters, and
     the columns on its incoming edges (``col ← producer``)."""
@@ -64,10 +77,9 @@ def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
     root = Tree(Text.assemble((p.name, "bold"), f"  {len(p.nodes)} nodes, {len(p.models)} models"
                               + (f" — {p.description}" if p.description else "")))
     models = root.add(Text("models", style="bold"))
+    shared = p.shared_bases()
     for name, m in p.models.items():
-        flags = "trainable" + (f" lr={m.lr:g}" if m.train else "") if m.train else "frozen"
-        head = f"{m.head}({m.reward_from})" if m.head == "reward" else m.head
-        models.add(f"{name}: {m.path}  head={head} {flags} ZeRO-{m.zero_stage} {m.precision}")
+        models.add(model_line(name, m, shared.get(name)))
     data = root.add(Text.assemble(("data", "bold"), f" [{p.data.kind}] {p.data.source} batch_size={p.data.batch_size}"))
     data.add(Text("writes " + ", ".join(p.data.writes()), style="dim"))
     stages = pg.stages()
