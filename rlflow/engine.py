@@ -148,12 +148,18 @@ class Run:
 
     def _place_models(self) -> None:
         tokenizers: dict[str, Any] = {}
+        shared = self.pipeline.shared_bases()  # a LoRA model's frozen base: its module, adapter disabled
         for name, spec in self.pipeline.models.items():
+            if name in shared:
+                continue
             t0 = time.perf_counter()
             self.workers[name] = place(name, spec, on_build=self.observer.message, shared=tokenizers, train=train_pipeline)
             kind = "trainable" if spec.train else "frozen"
             self.observer.message(f"placed {name} ({spec.path}, {kind}, head={spec.head}, ZeRO-{spec.zero_stage}, "
                                   f"{spec.precision}) in {time.perf_counter() - t0:.1f}s")
+        for name, owner in shared.items():
+            self.workers[name] = self.workers[owner].base_view(name, self.pipeline.models[name])
+            self.observer.message(f"{name} is {owner}'s base (adapter disabled, shared): no second copy")
 
     def _policy_name(self) -> Optional[str]:
         """The model evaluated as the policy: the trained language model (the Generate
