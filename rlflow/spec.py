@@ -154,8 +154,9 @@ class Model(Spec):
 
     def frozen(self) -> "Model":
         """The same weights as a frozen model (e.g. the reference policy). Of a LoRA model:
-        its base, which the engine runs as the LoRA model itself with the adapter disabled."""
-        return self.model_copy(update={"train": False})
+        its base weights (no adapter), which the engine runs as the LoRA model's own module
+        with the adapter disabled (see ``base_of``)."""
+        return self.model_copy(update={"train": False, "lora": None})
 
     def critic(self, **kw: Any) -> "Model":
         """A trainable critic with a value head on this model's backbone (all weights train)."""
