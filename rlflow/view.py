@@ -58,14 +58,12 @@ def node_params(node, everything: bool = False) -> str:
 
 
 def model_line(name: str, m, base_of: Optional[str] = None) -> str:
-    """One model of the graph's models section; ``base_of`` names the LoRA model whose
-    module this frozen model shares (its adapter disabled)."""
+    """One model of the graph's models section (a LoRA model's adapter goes on a line of
+    its own, below); ``base_of`` names the LoRA model whose module this frozen model
+    shares (its adapter disabled)."""
     if base_of is not None:
         return f"{name}: {base_of}'s base (adapter disabled, shared)  {m.path}  head={m.head} frozen"
     flags = f"trainable lr={m.lr:g}" if m.train else "frozen"
-    if m.train and m.lora is not None:
-        targets = m.lora.target_modules
-        flags += f" LoRA(r={m.lora.r} alpha={m.lora.alpha:g} on {targets if isinstance(targets, str) else ','.join(targets)})"
     head = f"{m.head}({m.reward_from})" if m.head == "reward" else m.head
     return f"{name}: {m.path}  head={head} {flags} ZeRO-{m.zero_stage} {m.precision}"
 
@@ -79,7 +77,11 @@ def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
     models = root.add(Text("models", style="bold"))
     shared = p.shared_bases()
     for name, m in p.models.items():
-        models.add(model_line(name, m, shared.get(name)))
+        line = models.add(model_line(name, m, shared.get(name)))
+        if m.train and m.lora is not None:
+            targets = m.lora.target_modules
+            line.add(f"LoRA r={m.lora.r} alpha={m.lora.alpha:g} dropout={m.lora.dropout:g} on "
+                     + (targets if isinstance(targets, str) else ", ".join(targets)))
     data = root.add(Text.assemble(("data", "bold"), f" [{p.data.kind}] {p.data.source} batch_size={p.data.batch_size}"))
     data.add(Text("writes " + ", ".join(p.data.writes()), style="dim"))
     stages = pg.stages()

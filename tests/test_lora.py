@@ -82,8 +82,18 @@ def test_graph_shows_the_adapter_and_the_shared_base():
     console = Console(width=160, color_system=None, record=True)
     console.print(render_graph(build(lora_grpo(lora=LoRA(r=4, alpha=8, target_modules=ATTN)))))
     text = console.export_text()
-    assert "actor: builtin:tiny-arith-init  head=lm trainable lr=0.01 LoRA(r=4 alpha=8 on q_proj,k_proj,v_proj,o_proj)" in text
+    assert "actor: builtin:tiny-arith-init  head=lm trainable lr=0.01 ZeRO-0 fp32" in text
+    assert "└── LoRA r=4 alpha=8 dropout=0 on q_proj, k_proj, v_proj, o_proj" in text
     assert "ref: actor's base (adapter disabled, shared)  builtin:tiny-arith-init  head=lm frozen" in text
+
+
+def test_compare_shows_the_adapter_as_one_setting():
+    from rlflow.settings import diff
+
+    full = lora_grpo().model_copy(update={"models": {"actor": Model(INIT, train=True, lr=1e-2, grad_clip=None),
+                                                     "ref": Model(INIT, lr=1e-2, grad_clip=None)}})
+    assert diff(full.to_config(), lora_grpo().to_config()) == [
+        ("models.actor.lora", ["null", 'r=4, alpha=8, target_modules=all-linear, dropout=0'])]
 
 
 # --- placement ---------------------------------------------------------------------------------------
