@@ -450,7 +450,9 @@ def _adapter_loader(where: Path) -> Callable[..., None]:
     (adapter) parameters only: exactly this model's adapter, or ResumeError."""
 
     def load_adapter(src: dict[str, Any], dst: Any) -> None:
-        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in dst.named_parameters() if p.requires_grad}
+        # this rank's shapes: under ZeRO-3 a parameter and its saved entry are both empty placeholders
+        # (DeepSpeed restores the partitions from the optimizer state)
+        shapes = {n: tuple(p.shape) for n, p in dst.named_parameters() if p.requires_grad}
         missing, extra = sorted(set(shapes) - set(src)), sorted(set(src) - set(shapes))
         if missing or extra:
             first = (missing or extra)[0]

@@ -172,25 +172,33 @@ def test_final_is_the_merged_model_and_final_adapter_the_adapter(tmp_path):
         torch.testing.assert_close(merged.state_dict()[k], v, rtol=0, atol=0)
 
 
-def test_checkpoint_holds_the_adapter_and_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("zero", [0, 3])
+def test_checkpoint_holds_the_adapter_and_resume_continues_exactly(zero, tmp_path):
     from safetensors.torch import load_file
 
     # 3 uninterrupted steps == 2 steps, stop, resume from the step-2 checkpoint, 1 more step
-    full = run_of(lora_grpo(seed=5, save_every=2, steps=3), tmp_path, "full")
+    def pipeline():
+        p = lora_grpo(seed=5, save_every=2, steps=3)
+        actor = p.models["actor"].model_copy(update={"zero_stage": zero})
+        return p.model_copy(update={"models": {"actor": actor, "ref": actor.frozen()}})
+
+    full = run_of(pipeline(), tmp_path, "full")
     full.train(3)
-    part = run_of(lora_grpo(seed=5, save_every=2, steps=3), tmp_path, "part")
+    part = run_of(pipeline(), tmp_path, "part")
     part.train(2)
     ckpt = tmp_path / "part" / "checkpoints" / "step_2" / "actor"
     assert not (ckpt / "model.safetensors").exists()
-    saved = load_file(str(ckpt / "adapter_model.safetensors"))
-    assert len(saved) == len(adapter(part)) and all("lora_" in k for k in saved)
-    ds_module = torch.load(ckpt / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    saved = load_file(str(ckpt / "adapter_model.safetensors"))  # whole tensors, gathered under ZeRO-3
+    assert {k.replace(".weight", ".default.weight") for k in saved} == set(adapter(part))
+    assert all(v.numel() for v in saved.values())
+    ds_module = torch.load(next((ckpt / "deepspeed" / "state").glob("*model_states.pt")), weights_only=False)["module"]
     assert set(ds_module) == set(adapter(part))  # DeepSpeed keeps the adapter, not the frozen base
-    again = run_of(lora_grpo(seed=5, save_every=2, steps=3), tmp_path, "part")
+    again = run_of(pipeline(), tmp_path, "part")
     assert again.resume() == 2
     again.train(3)
-    for name, value in adapter(full).items():
-        torch.testing.assert_close(adapter(again)[name], value, rtol=0, atol=0)
+    with full.workers["actor"]._gathered(), again.workers["actor"]._gathered():
+        for name, value in adapter(full).items():
+            torch.testing.assert_close(adapter(again)[name], value, rtol=0, atol=0)
     steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
