@@ -246,9 +246,10 @@ def with_adapter(module, name: str, spec: Model):
 
 
 def merged_state_dict(module) -> dict[str, Any]:
-    """The weights of a ``peft`` LoRA model with every adapter merged in (``W + (alpha/r) B A``,
-    computed by peft's own ``get_delta_weight``), under the base model's own names: what
-    ``from_pretrained`` of the base architecture loads. The module is not changed."""
+    """The weights of a ``peft`` LoRA model with its (one, active) adapter merged in
+    (``W + (alpha/r) B A``, computed by peft's own ``get_delta_weight``), under the base
+    model's own names: what ``from_pretrained`` of the base architecture loads. The module
+    is not changed (peft's ``merge_and_unload`` would merge into it for good)."""
     import torch
     from peft.tuners.lora import LoraLayer
 
