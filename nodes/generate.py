@@ -19,6 +19,10 @@ from rlflow.node import Context, ModelRunner, runner
 class GenerateRunner(ModelRunner):
     @no_grad
     def run(self, batch, ctx: Context):
+        with self.worker(ctx).forwards():  # a LoRA model's shared base samples with its adapter disabled
+            return self._run(batch, ctx)
+
+    def _run(self, batch, ctx: Context):
         from rlflow.forward import decode, response_logprobs, sample
 
         s = self.spec
