@@ -27,21 +27,24 @@ from typing import Any, Optional
 import torch
 
 from rlflow import checkpoint, dist, rundir
-from rlflow.batch import Batch
+from rlflow.batch import Batch, mini_batch_groups
 from rlflow.checkpoint import ResumeError  # noqa: F401  (re-exported for the CLI)
 from rlflow.data import DataStream
 from rlflow.evaluation import Evaluator
 from rlflow.graph import PipelineGraph
 from rlflow.models import Worker, place
 from rlflow.node import RUNNERS, Context
-from rlflow.records import Records, Timings, step_record, tokens, write_json
+from rlflow.records import Records, Timings, batch_stats, step_record, tokens, write_json
 from rlflow.spec import Pipeline
-
-SAMPLER_SEED_STRIDE = 7919  # each rank's sampler is seeded seed + stride * rank
 
 
 class RefillError(RuntimeError):
     """Dynamic sampling ran out of rounds before keeping enough groups."""
+
+
+class PeerFailure(RuntimeError):
+    """Another process failed in a node: every rank stops at the same place (and can write
+    the rescue checkpoint together)."""
 
 
 class Observer:
@@ -100,7 +103,8 @@ class Run:
         setup_distributed()
         torch.manual_seed(p.seed)
         random.seed(p.seed)
-        self.generator = torch.Generator().manual_seed(p.seed + SAMPLER_SEED_STRIDE * dist.rank())
+        # the engine's generator shuffles mini-batches: the same on every rank (samples have their own)
+        self.generator = torch.Generator().manual_seed(p.seed)
         if dist.rank() == 0 and self.lock is None:
             self.lock = rundir.lock(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +115,7 @@ class Run:
         self.tokenizer = (self.workers[self.policy] if self.policy else next(iter(self.workers.values()))).tokenizer
         self.data = DataStream(p.data, self.tokenizer, seed=p.seed, rank=dist.rank(), world=dist.world_size())
         self.runners = {n.name: RUNNERS[n.kind](n) for n in p.nodes}
-        self.ctx = Context(workers=self.workers, generator=self.generator, rule_pool=self._rule_pool())
+        self.ctx = Context(workers=self.workers, generator=self.generator, rule_pool=self._rule_pool(), seed=p.seed)
         self.records = Records(self.out_dir, writer=dist.rank() == 0)
         self.evaluator = Evaluator(p, self.workers, self.policy, self.tokenizer)
         self.observer.start(self)
@@ -198,13 +202,15 @@ class Run:
         except BaseException:  # a failing rule, Ctrl-C, ...: keep what the finished steps learned
             self._rescue(step - 1, rng_before)
             raise
-        return step_record(step, batch, times, metrics, time.perf_counter() - t0), batch
+        stats = dist.reduce_metrics({"seconds": dist.Max(time.perf_counter() - t0), **batch_stats(batch), **times.as_metrics()})
+        return step_record(step, stats, Timings.from_metrics(stats), metrics), batch
 
     def _experience_runners(self) -> list:
         return [self.runners[n.name] for n in self.graph.experience_order()]
 
     def experience(self) -> tuple[Batch, Timings, dict[str, float]]:
-        """One batch through the experience nodes (with the refill rounds of a filter that refills)."""
+        """One batch through the experience nodes (with the refill rounds of a filter that
+        refills); the metrics of every rank, combined."""
         order = self._experience_runners()
         times, metrics = Timings(), {}
         refilling = [r for r in order if hasattr(r, "refill") and r.refill(self.pipeline.data.batch_size)]
@@ -212,9 +218,9 @@ class Run:
             batch = self.data.next()
             for r in order:
                 batch = self._run_node(r, batch, times, metrics)
-                if not len(batch):  # a filter kept nothing: nothing more to compute this step
+                if dist.all_reduce_max(len(batch)) == 0:  # filters kept nothing on any rank
                     break
-            return batch, times, metrics
+            return batch, times, dist.reduce_metrics(metrics)
         f = refilling[0]
         upstream = self.graph.upstream(f.spec.name)
         head = [r for r in order if r.spec.name in upstream]
@@ -222,15 +228,14 @@ class Run:
         batch = self._refill(f, head, times, metrics)
         for r in tail:
             batch = self._run_node(r, batch, times, metrics)
-        return batch, times, metrics
+        return batch, times, dist.reduce_metrics(metrics)
 
-    def _refill(self, f, head: list, times: Timings, metrics: dict[str, float]) -> Batch:
-        """Fresh prompts through ``head`` and the filter ``f`` until it has kept its target."""
+    def _refill(self, f, head: list, times: Timings, metrics: dict) -> Batch:
+        """Fresh prompts through ``head`` and the filter ``f`` until it has kept its target
+        (groups counted over all ranks, so every rank runs as many rounds)."""
         plan = f.refill(self.pipeline.data.batch_size)
         kept: list[Batch] = []
         rounds = groups = 0
-        seen = 0.0
-        rewards: list[float] = []
         while groups < plan.target_groups:
             if rounds >= plan.max_rounds:
                 if plan.allow_short and groups:
@@ -243,24 +248,35 @@ class Run:
             rounds += 1
             batch = self.data.next()
             for r in head + [f]:
-                batch = self._run_node(r, batch, times, metrics)
-            seen += metrics["filter/groups_seen"]
-            rewards += [v for k, v in metrics.items() if k == "reward/mean"]
+                batch = self._run_node(r, batch, times, metrics)  # reward/mean: every sample of every round
             kept.append(batch)
-            groups += int(torch.unique(batch["group"]).numel()) if len(batch) else 0
-        metrics.update({"filter/rounds": float(rounds), "filter/groups_seen": seen, "filter/groups_kept": float(groups),
-                        "filter/keep_frac": groups / max(seen, 1.0)})
-        if rewards:  # every sample scored, over every round (rounds have equal sizes)
-            metrics["reward/mean"] = sum(rewards) / len(rewards)
-        return f.truncate(Batch.cat(kept), plan.target_groups)
+            groups += int(dist.all_reduce_sum(torch.tensor(len(batch.groups()))))
+        metrics.update({"filter/rounds": float(rounds), "filter/groups_kept": float(groups)})
+        batch = Batch.cat(kept) if any(len(b) for b in kept) else kept[-1]
+        return f.truncate(batch, self._first_of_target(batch, plan.target_groups))
 
-    def _run_node(self, r, batch: Batch, times: Timings, metrics: dict[str, float]) -> Batch:
+    @staticmethod
+    def _first_of_target(batch: Batch, target: int) -> int:
+        """How many of this rank's groups are among the first ``target`` kept groups of all
+        ranks (group ids are global and grow with the data order)."""
+        first = sorted(g for ids in dist.gathered(batch.groups()) for g in ids)[:target]
+        return len(set(batch.groups()) & set(first))
+
+    def _run_node(self, r, batch: Batch, times: Timings, metrics: dict) -> Batch:
         t0 = time.perf_counter()
-        out = r.run(batch, self.ctx)
+        failed: Optional[Exception] = None
+        try:
+            out = r.run(batch, self.ctx)
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            failed = e
+        culprit = dist.all_reduce_max(dist.rank() + 1 if failed else 0)  # ranks agree a node failed
+        if culprit:
+            raise failed or PeerFailure(f"process {culprit - 1} failed in node {r.spec.name!r} at step {self.ctx.step}")
         batch, m = out if isinstance(out, tuple) else (batch, out)  # a node may replace the batch
         n_tokens = tokens(batch) if r.spec.model_refs() else 0  # tokens a model read
         times.add(r.spec.name, time.perf_counter() - t0, len(batch), n_tokens)
-        metrics.update(m or {})
+        for k, v in (m or {}).items():  # a node run again (refill rounds) adds to its Means and Sums
+            metrics[k] = dist.combine([metrics[k], v]) if k in metrics and dist.adds_up(v) else v
         return batch
 
     # --- update ------------------------------------------------------------------------------
@@ -273,50 +289,71 @@ class Run:
         return by_model
 
     def update(self, batch: Batch, times: Optional[Timings] = None) -> dict[str, float]:
-        """``ppo_epochs`` x mini-batches; one optimizer step per mini-batch and trained model."""
+        """``ppo_epochs`` x mini-batches; one optimizer step per mini-batch and trained model.
+
+        The mini-batches are planned over the groups of all ranks with the engine's generator
+        (the same on every rank), so they are those one process would make; each rank trains
+        on its own rows of each (possibly none: it then takes part with an idle pass)."""
         p, times = self.pipeline, times if times is not None else Timings()
         by_model = self._loss_runners()
         if not by_model:
             return {}
-        sums: dict[str, list[float]] = {}
-        # as many mini-batches as asked, but never more than any rank has groups (equal step counts)
-        n_groups = int(torch.unique(batch["group"]).numel()) if "group" in batch else len(batch)
-        parts = dist.all_reduce_min(min(p.mini_batches, n_groups))
+        sums: dict[str, list] = {}
+        groups = sorted(g for ids in dist.gathered(batch.groups()) for g in ids)
+        shuffle = p.mini_batches > 1 or p.ppo_epochs > 1
+        self._idle = batch.select([0])  # a row for the idle passes of a rank without rows in a mini-batch
         for _ in range(p.ppo_epochs):
-            shuffled = batch.shuffle_groups(self.generator) if (p.mini_batches > 1 or p.ppo_epochs > 1) else batch
-            for mini in shuffled.chunk(parts):
+            for ids in mini_batch_groups(groups, p.mini_batches, self.generator if shuffle else None):
+                mini = batch.take_groups(ids)
                 for model, runners in by_model.items():
                     t0 = time.perf_counter()
                     for k, v in self._train_model(self.workers[model], runners, mini).items():
                         sums.setdefault(k, []).append(v)
                     times.add("+".join(r.spec.name for r in runners), time.perf_counter() - t0, len(mini), tokens(mini))
-        out = {k: sum(v) / len(v) for k, v in sums.items()}
+        out = {k: dist.combine(v) for k, v in sums.items()}
         out.update({f"lr/{model}": self.workers[model].lr() for model in by_model})
-        return out
+        return dist.reduce_metrics(out)
 
-    def _train_model(self, worker: Worker, runners: list, mini: Batch) -> dict[str, float]:
+    def _train_model(self, worker: Worker, runners: list, mini: Batch) -> dict:
         """One optimizer step of ``worker`` on a mini-batch: gradients accumulated over its
-        micro-batches; each term's denominators are the whole mini-batch's."""
+        micro-batches; each term's denominators are the whole mini-batch's (all ranks). Every
+        rank makes as many forward/backward passes (DeepSpeed's gradient reductions are
+        collective): one with fewer micro-batches adds idle passes whose loss is 0."""
         counts = [r.counts(mini) for r in runners]
         needs = {r.needs for r in runners}
-        micros = mini.split(worker.spec.micro_batch_size or len(mini))
-        metrics: dict[str, list[float]] = {}
-        for i, micro in enumerate(micros):
-            micro = runners[0].inputs(micro, self.ctx)
-            cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs)}
-            total = 0.0
-            for r, c in zip(runners, counts):
-                term = r.term(cols, c)
-                total = total + term.loss
-                for k, v in term.metrics.items():
-                    metrics.setdefault(k, []).append(v)
+        micros = mini.split(worker.spec.micro_batch_size or len(mini)) if len(mini) else []
+        passes = dist.all_reduce_max(len(micros))
+        metrics: dict[str, list] = {}
+        for i in range(passes):
+            if i < len(micros):
+                total = self._micro_loss(worker, runners, counts, needs, micros[i], metrics)
+            else:
+                total = self._idle_loss(worker, runners[0], needs)
             # DeepSpeed averages gradients over ranks; the loss is already a global mean
-            worker.backward(total * dist.world_size(), last=i == len(micros) - 1)
+            worker.backward(total * dist.world_size(), last=i == passes - 1)
         norm = worker.step()
-        out = {k: sum(v) / len(v) for k, v in metrics.items()}
+        out = {k: dist.combine(v) for k, v in metrics.items()}
         if norm is not None:
             out[f"grad_norm/{worker.name}"] = norm
         return out
+
+    def _micro_loss(self, worker: Worker, runners: list, counts: list, needs: set, micro: Batch, metrics: dict):
+        """The summed terms of ``runners`` on one micro-batch (one forward); their metrics go to ``metrics``."""
+        micro = runners[0].inputs(micro, self.ctx)
+        cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs)}
+        total = 0.0
+        for r, c in zip(runners, counts):
+            term = r.term(cols, c)
+            total = total + term.loss
+            for k, v in term.metrics.items():
+                metrics.setdefault(k, []).append(v)
+        return total
+
+    def _idle_loss(self, worker: Worker, runner, needs: set):
+        """A loss of exactly 0 from a real forward (of one row of this step's batch): its
+        backward reaches every parameter the forward used, as on the ranks with rows."""
+        row = runner.inputs(self._idle, self.ctx)
+        return sum((out.float() * 0.0).sum() for out in runner.outputs(worker, row, needs).values())
 
     # --- evaluation, checkpoints -----------------------------------------------------------------
     def evaluate(self, step: int) -> dict[str, float]:
@@ -330,8 +367,9 @@ class Run:
     def _rescue(self, step: int, rng: dict[str, Any]) -> None:
         """After a failure before the update of step ``step + 1``: the models are exactly
         as step ``step`` left them, so write that checkpoint (with the random and data
-        state of that moment) and say how to continue. Single process only."""
-        if step < 1 or step == self.start_step or dist.world_size() > 1:
+        state of that moment) and say how to continue. With several processes every rank is
+        here together (a node's failure is agreed, :meth:`_run_node`) and writes its part."""
+        if step < 1 or step == self.start_step:
             return
         try:
             path = self.checkpoint(step, rng)
