@@ -56,7 +56,7 @@ class Evaluator:
         worker = self.workers[self.policy]
         max_new = self.pipeline.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         return greedy_accuracy(worker.module, worker.tokenizer, [r[prompt_field] for r in rows],
-                               [str(r["answer"]) for r in rows], self.rule, max_new_tokens=max_new)
+                               [str(r["answer"]) for r in rows], self.rule, max_new_tokens=max_new, device=worker.device)
 
     @no_grad
     def _pair_accuracy(self, spec, rows: list[dict]) -> dict[str, float]:

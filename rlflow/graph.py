@@ -255,13 +255,17 @@ def _check_kinds(pipeline: Pipeline, pg: PipelineGraph) -> None:
 
 
 def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
-    """Settings that would be silently ignored: optimizer offload without ZeRO, more
+    """Settings that would be silently ignored: optimizer offload without ZeRO, parameter
+    offload without ZeRO-3, more
     mini-batches than groups, a phase that trains a frozen model, a second held-out split."""
     add = pg.problems.append
     for name, m in pipeline.models.items():  # (a frozen model has no optimizer: its optimizer settings are moot)
         if m.offload and m.train and m.zero_stage == 0:
             add(Problem("RF015", name, "offload", "offload moves the optimizer state to the CPU, which needs ZeRO stage >= 1",
                         "zero_stage >= 1", "zero_stage=0"))
+        if m.offload_params and m.zero_stage != 3:
+            add(Problem("RF015", name, "offload_params", "offload_params keeps the parameters' shards on the CPU, "
+                        "which needs ZeRO stage 3", "zero_stage=3", f"zero_stage={m.zero_stage}"))
     groups = max([pipeline.data.batch_size] + [getattr(n, "target_groups", None) or 0 for n in pipeline.nodes])
     if pipeline.mini_batches > groups:
         add(Problem("RF015", "pipeline", "mini_batches", f"{pipeline.mini_batches} mini-batches of whole groups, but a batch "
