@@ -298,8 +298,14 @@ def _run_dir(args, pipeline) -> Path:
 
 def cmd_run(args) -> int:
     _positive("--threads", args.threads)
+    _positive("--nproc", args.nproc)
     pipeline, pg = _load_valid(args.file, args.set or [], steps=args.steps, seed=args.seed)
+    if args.nproc and args.nproc > pipeline.data.batch_size:
+        raise UserError("RF111", f"--nproc {args.nproc}: more processes than data.batch_size ({pipeline.data.batch_size}); "
+                                 "the batch size is global and each process needs at least one prompt")
     out = _run_dir(args, pipeline)
+    if args.nproc and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _launch(args, pipeline, out)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlflow import rundir
     from rlflow.view import LiveView, render_graph
@@ -329,6 +335,47 @@ def cmd_run(args) -> int:
         view.close()
         run.close()
     return 0
+
+
+def _launch(args, pipeline, out: Path) -> int:
+    """``rlflow run ... --nproc N``: build what the processes share once (built-in models,
+    DeepSpeed's JIT op), then start N processes of the same command with
+    ``python -m torch.distributed.run`` on this machine, each with its share of the cores."""
+    import socket
+    import subprocess
+
+    _prepare(pipeline)
+    argv, skip = [], False
+    for a in args.argv:  # the same command line without --nproc, with the run directory named
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc"
+            continue
+        argv.append(a)
+    if not args.out and not args.resume:
+        argv += ["--out", str(out)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "rlflow", *argv]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _prepare(pipeline) -> None:
+    """Build the pipeline's built-in models and DeepSpeed's communication op in one process
+    (several processes building them at once would train the model twice or crash the op build)."""
+    import subprocess
+
+    from rlflow.engine import train_pipeline
+    from rlflow.models import resolve
+
+    for spec in pipeline.models.values():
+        resolve(spec.path, train=train_pipeline)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    subprocess.run([sys.executable, "-c", "from rlflow.models import setup_distributed; setup_distributed()"],
+                   env=env, check=True, capture_output=True)
 
 
 RESUMABLE_CHANGES = ("steps",)  # settings a resume may change without --resume-override (train longer)
@@ -395,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume-override", action="store_true",
                    help="resume even though the settings differ from the run's config.json")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadiest on a busy machine)")
+    r.add_argument("--nproc", type=int, help="processes on this machine, one per GPU (starts them with torch.distributed.run; "
+                   "data.batch_size stays the global batch)")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="every check that needs no model: the graph, model paths, data files")
@@ -444,6 +493,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv  # until the command line is parsed
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         debug = args.debug
         _default_accelerator()
         return args.fn(args)
