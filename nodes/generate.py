@@ -23,7 +23,7 @@ from rlflow.node import Context, ModelRunner, runner
 class GenerateRunner(ModelRunner):
     @no_grad
     def run(self, batch, ctx: Context):
-        from rlflow import dist
+        from rlflow.dist import Mean, world_size
         from rlflow.forward import decode, prompt_generators, response_logprobs, sample
 
         s = self.spec
@@ -31,7 +31,7 @@ class GenerateRunner(ModelRunner):
         tok = worker.tokenizer
         batch = self.inputs(batch, ctx)
         rows = batch.repeat_interleave(s.n)  # [B*n], a prompt's samples are adjacent
-        synced = dist.world_size() > 1  # every rank decodes as many tokens (ZeRO-3 forwards are collective)
+        synced = world_size() > 1  # every rank decodes as many tokens (ZeRO-3 forwards are collective)
         out = sample(worker.module, rows["prompt_ids"], rows["prompt_mask"], max_new_tokens=s.max_new_tokens,
                      temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id, generators=prompt_generators(ctx.seed, ctx.step, rows["group"]),
@@ -51,5 +51,5 @@ class GenerateRunner(ModelRunner):
             rows["greedy_response_ids"] = g.response_ids.repeat_interleave(s.n, 0)
             rows["greedy_response_mask"] = g.response_mask.repeat_interleave(s.n, 0)
             rows["greedy_response"] = [t for t in texts for _ in range(s.n)]
-        metrics = {"generate/truncated_frac": dist.Mean(float(out.truncated.float().sum()), float(len(rows)))}
+        metrics = {"generate/truncated_frac": Mean(float(out.truncated.float().sum()), float(len(rows)))}
         return rows, metrics

@@ -218,9 +218,9 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
     """Whether every row is done: this rank's, or (``synced``) every rank's."""
     if not synced:
         return bool(done.all())
-    from rlflow import dist
+    from rlflow.dist import all_reduce_min
 
-    return dist.all_reduce_min(int(bool(done.all()))) == 1
+    return all_reduce_min(int(bool(done.all()))) == 1
 
 
 @dataclass
