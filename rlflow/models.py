@@ -329,7 +329,7 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
         module.eval()
         module.requires_grad_(False)
         if spec.zero_stage == 3:  # sharded like the trained models, no optimizer (as TRL places a reference)
-            engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config(spec))
+            engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config(spec, _hidden(module)))
             engine.eval()
         else:
             engine = deepspeed.init_inference(module, dtype=_dtype(spec.precision), replace_with_kernel_inject=False)
@@ -341,13 +341,26 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
     opt = torch.optim.AdamW(module.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
     warm = spec.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config(spec))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config(spec, _hidden(module)))
     return Worker(name, spec, engine, engine.module, tokenizer, path, device)
 
 
-def ds_config(spec: Model) -> dict[str, Any]:
-    """The DeepSpeed config of a model: ZeRO stage and offload, precision, gradient clipping."""
+def _hidden(module) -> Optional[int]:
+    return getattr(module.config, "hidden_size", None)
+
+
+def ds_config(spec: Model, hidden: Optional[int] = None) -> dict[str, Any]:
+    """The DeepSpeed config of a model: ZeRO stage and offload, precision, gradient clipping.
+
+    With the model's ``hidden`` size, ZeRO's buffers are sized to the model as the Hugging
+    Face Trainer's ``"auto"`` values do (reduce bucket H², prefetch bucket 0.9·H², parameters
+    under 10·H elements kept whole), not DeepSpeed's fixed defaults (a 5e8-element reduce
+    bucket, 2 GB in fp32, and nothing under 1e5 elements sharded)."""
     zero: dict[str, Any] = {"stage": spec.zero_stage}
+    if hidden and spec.zero_stage >= 2:
+        zero["reduce_bucket_size"] = hidden * hidden
+    if hidden and spec.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden), stage3_param_persistence_threshold=10 * hidden)
     if spec.train and spec.offload and spec.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
     if spec.offload_params and spec.zero_stage == 3:
