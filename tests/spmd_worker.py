@@ -5,8 +5,9 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/spmd_worker.py resume OUT
 
 What is pinned so that 2 processes compute what 1 does: the seed; one torch thread per
-process; fp32 and ZeRO-0 (DeepSpeed averages gradients, the engine scales the loss by the
-world size); every other setting is the pipeline's own, including micro-batches of 2 rows
+process; fp32 (DeepSpeed averages gradients, the engine scales the loss by the world size);
+ZeRO-0, and for GRPO also ZeRO-3 on every model against ZeRO-0 in one process; every other
+setting is the pipeline's own, including micro-batches of 2 rows
 (so the ranks make different numbers of micro-batches and the idle passes run) and, for
 PPO, 2 epochs x 2 mini-batches of shuffled groups (so a rank can hold no row of a
 mini-batch). The rules are closures, so they run in each process (no rule workers).
@@ -66,9 +67,13 @@ def weights(run: Run, model: str = "actor") -> torch.Tensor:
 
 
 def equivalence(out: Path) -> None:
-    """GRPO and PPO for 2 steps each; metrics.jsonl and final/ in out/<name>."""
+    """GRPO and PPO for 2 steps each; metrics.jsonl and final/ in out/<name>. With several
+    processes also GRPO with every model under ZeRO-3 (the frozen reference sharded too), in
+    out/zero3."""
     for pipeline in (grpo(), ppo()):
         train(pipeline, out / pipeline.name)
+    if torch.distributed.get_world_size() > 1:
+        zero(out, 3)
 
 
 def failing_at_step_3():

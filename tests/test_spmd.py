@@ -1,6 +1,6 @@
 """The same pipeline on two processes (``python -m torch.distributed.run``, gloo on the CPU)
-computes what one process does: GRPO and PPO give the same per-step metrics and final
-weights; a failure on one rank leaves a rescue checkpoint that every rank wrote, and resuming
+computes what one process does: GRPO and PPO (and GRPO with every model under ZeRO-3,
+the frozen reference sharded too) give the same per-step metrics and final weights; a failure on one rank leaves a rescue checkpoint that every rank wrote, and resuming
 from it with two processes is exact; ``rlflow run --nproc 2`` starts the processes itself.
 
 What is pinned is listed in tests/spmd_worker.py. Tolerances: the metrics are written
@@ -59,21 +59,25 @@ def records(run_dir: Path) -> list[dict]:
 def test_two_processes_compute_what_one_does(env, tmp_path):
     two_processes(env, str(HERE / "spmd_worker.py"), "equivalence", str(tmp_path / "two"))
     spmd_worker.equivalence(tmp_path / "one")
-    for name in ("grpo", "ppo"):
-        one, two = records(tmp_path / "one" / name), records(tmp_path / "two" / name)
-        assert [r["step"] for r in two] == [1, 2]
-        for a, b in zip(one, two):
-            assert set(a) == set(b)
-            assert a["rows"] == b["rows"] == (16 if name == "grpo" else 8)  # global rows, not rank 0's
-            for key in set(a) - TIMING:
-                assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (name, a["step"], key, a[key], b[key])
-            assert {k: t["rows"] for k, t in a["nodes"].items()} == {k: t["rows"] for k, t in b["nodes"].items()}
-        finals = ["final", "final-critic"] if name == "ppo" else ["final"]
-        for final in finals:
-            w1 = load_file(tmp_path / "one" / name / final / "model.safetensors")
-            w2 = load_file(tmp_path / "two" / name / final / "model.safetensors")
-            for key in w1:
-                torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=5e-5)
+    for name, two in (("grpo", "grpo"), ("ppo", "ppo"), ("grpo", "zero3")):  # zero3: every model under ZeRO-3
+        same_run(tmp_path / "one" / name, tmp_path / "two" / two, rows=16 if name == "grpo" else 8)
+
+
+def same_run(one_dir: Path, two_dir: Path, rows: int) -> None:
+    """The same per-step metrics (global rows) and final weights, within the tolerances above."""
+    one, two = records(one_dir), records(two_dir)
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert set(a) == set(b)
+        assert a["rows"] == b["rows"] == rows  # global rows, not rank 0's
+        for key in set(a) - TIMING:
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (two_dir.name, a["step"], key, a[key], b[key])
+        assert {k: t["rows"] for k, t in a["nodes"].items()} == {k: t["rows"] for k, t in b["nodes"].items()}
+    for final in sorted(p.name for p in one_dir.glob("final*")):
+        w1 = load_file(one_dir / final / "model.safetensors")
+        w2 = load_file(two_dir / final / "model.safetensors")
+        for key in w1:
+            torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=5e-5)
 
 
 def test_a_failure_on_one_rank_leaves_a_checkpoint_and_resume_with_two_processes_is_exact(env, tmp_path):
