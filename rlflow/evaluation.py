@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from rlflow.builtin import eval_rule
+from rlflow.dist import world_size
 from rlflow.lazy import no_grad
 from rlflow.spec import Pairs, Pipeline
 
@@ -56,7 +57,8 @@ class Evaluator:
         worker = self.workers[self.policy]
         max_new = self.pipeline.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         return greedy_accuracy(worker.module, worker.tokenizer, [r[prompt_field] for r in rows],
-                               [str(r["answer"]) for r in rows], self.rule, max_new_tokens=max_new, device=worker.device)
+                               [str(r["answer"]) for r in rows], self.rule, max_new_tokens=max_new, device=worker.device,
+                               synced=world_size() > 1)  # every rank evaluates the same rows
 
     @no_grad
     def _pair_accuracy(self, spec, rows: list[dict]) -> dict[str, float]:

@@ -438,6 +438,7 @@ def greedy_accuracy(
     max_new_tokens: int,
     batch_size: int = 256,
     device: torch.device | None = None,
+    synced: bool = False,
 ) -> float:
     """Fraction of prompts whose greedy response scores ``> 0.5`` under ``rule``.
 
@@ -445,7 +446,7 @@ def greedy_accuracy(
     prompt on the response decoded with ``skip_special_tokens=True``. Prompts go through
     :func:`encode_prompts` and :func:`sample` (greedy) in chunks of ``batch_size``, on the
     model's ``device`` (default: that of its parameters), in whatever train/eval mode the
-    model is in.
+    model is in; ``synced`` as in :func:`sample` (every rank evaluating the same prompts).
     """
     prompts, answers = list(prompts), list(answers)
     if len(prompts) != len(answers):
@@ -470,6 +471,7 @@ def greedy_accuracy(
             greedy=True,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            synced=synced,
         )
         texts = decode(tokenizer, out.response_ids, out.response_mask)
         for text, answer, prompt in zip(texts, chunk_answers, chunk_prompts):
