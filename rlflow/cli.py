@@ -344,7 +344,7 @@ def _launch(args, pipeline, out: Path) -> int:
     import socket
     import subprocess
 
-    _prepare(pipeline)
+    _prepare(pipeline, say=None if args.quiet else _console(stderr=True).print)
     argv, skip = [], False
     for a in args.argv:  # the same command line without --nproc, with the run directory named
         if skip or a == "--nproc" or a.startswith("--nproc="):
@@ -363,7 +363,7 @@ def _launch(args, pipeline, out: Path) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
-def _prepare(pipeline) -> None:
+def _prepare(pipeline, say=None) -> None:
     """Build the pipeline's built-in models and DeepSpeed's communication op in one process
     (several processes building them at once would train the model twice or crash the op build)."""
     import subprocess
@@ -372,7 +372,7 @@ def _prepare(pipeline) -> None:
     from rlflow.models import resolve
 
     for spec in pipeline.models.values():
-        resolve(spec.path, train=train_pipeline)
+        resolve(spec.path, train=train_pipeline, on_build=say)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     subprocess.run([sys.executable, "-c", "from rlflow.models import setup_distributed; setup_distributed()"],
                    env=env, check=True, capture_output=True)
