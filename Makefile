@@ -10,7 +10,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 TORCH_CPU = torch==2.13.0
 
-.PHONY: install run test test-slow bench clean
+.PHONY: install run test test-slow bench browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# headless Chromium for the test that renders `rlflow report --html` (Debian/Ubuntu as root;
+# elsewhere install it yourself). Without it that one test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "no chromium: the HTML report test will skip"
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

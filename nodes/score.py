@@ -5,7 +5,7 @@ R_i = Σ_k w_k · rule_k(response_i, row_i)  [+ reward model score]  [+ overlong
 Each rule is a plain Python callable ``fn(response_text, row) -> float`` where ``row``
 holds the row's text fields (``prompt``, ``answer``, ...). Rules run in worker processes
 (``rlflow.rules.RulePool``). A rule that raises, returns something that is not a finite
-number, runs past ``RULE_TIMEOUT_S``, exits or crashes its worker stops the run with a
+number, runs past the node's ``rule_timeout_s``, exits or crashes its worker stops the run with a
 ``RewardRuleError`` that shows the sample: nothing is silently turned into a zero.
 
 The soft overlong punishment of DAPO (§7.2), with L_max = the node's ``max_new_tokens``
@@ -22,15 +22,15 @@ from rlflow.lazy import torch
 from rlflow.node import Context, ModelRunner, runner
 from rlflow.rules import RewardRuleError, RulePool, score_in_process
 
-__all__ = ["RULE_TIMEOUT_S", "RewardRuleError", "ScoreRunner", "apply_rule", "overlong_penalty"]
+__all__ = ["RewardRuleError", "ScoreRunner", "apply_rule", "overlong_penalty"]
 
-RULE_TIMEOUT_S = 10.0  # per call of a rule on one sample; read at each call
+DEFAULT_TIMEOUT_S = 10.0  # apply_rule's limit per call of a rule on one sample (Score.rule_timeout_s in a run)
 
 
 def apply_rule(name: str, fn, responses: list[str], rows: list[dict], timeout: float | None = None) -> torch.Tensor:
     """``fn`` on every (response, row) in this process; [B] float. Raises RewardRuleError
     with the sample. For tests and debugging: a run scores in a ``RulePool``."""
-    timeout = RULE_TIMEOUT_S if timeout is None else timeout
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
     return torch.tensor(score_in_process(name, fn, responses, rows, timeout), dtype=torch.float32)
 
 
@@ -61,7 +61,7 @@ class ScoreRunner(ModelRunner):
     def _pool(self, ctx: Context) -> RulePool:
         pool = ctx.rule_pool
         if pool is None:
-            pool = self._own_pool = self._own_pool or RulePool(timeout_s=RULE_TIMEOUT_S)
+            pool = self._own_pool = self._own_pool or RulePool(self.spec.rule_workers, timeout_s=self.spec.rule_timeout_s)
         return pool
 
     def close(self) -> None:
@@ -78,7 +78,7 @@ class ScoreRunner(ModelRunner):
         rows = list(iter_rows(batch, ("prompt", "answer")))
         total = torch.zeros(len(batch), device=batch[mask_col].device)
         for name, rule in s.rules.items():
-            scores = self._pool(ctx).score(name, rule.fn, texts, rows, timeout_s=RULE_TIMEOUT_S)
+            scores = self._pool(ctx).score(name, rule.fn, texts, rows, timeout_s=self.spec.rule_timeout_s)
             part = torch.tensor(scores, dtype=torch.float32, device=total.device)
             metrics[f"{prefix}/{name}"] = _mean(part)
             if parts:

@@ -37,7 +37,7 @@ def _load_valid(file: str, sets: list[str] = (), *, steps: Optional[int] = None,
     from rlflow.inputs import validate
     from rlflow.view import render_problems
 
-    pipeline = apply_overrides(load_pipeline(file), list(sets))
+    pipeline = apply_overrides(load_pipeline(pipeline_file(file)), list(sets))
     pipeline = _apply_flag(pipeline, "--steps", "steps", steps)
     pipeline = _apply_flag(pipeline, "--seed", "seed", seed)
     pg = validate(pipeline)
@@ -83,6 +83,7 @@ def _writable_dir(flag: str, out: Path) -> None:
 
 
 def cmd_validate(args) -> int:
+    from rlflow.charts import plural
     from rlflow.inputs import validate
     from rlflow.view import render_problems
 
@@ -92,7 +93,7 @@ def cmd_validate(args) -> int:
         if Path(file).name == "__init__.py":  # the package marker of pipelines/, not a pipeline
             continue
         try:
-            pipeline = apply_overrides(load_pipeline(file), args.set or [])
+            pipeline = apply_overrides(load_pipeline(pipeline_file(file)), args.set or [])
         except UserError as e:
             err.print(f"{file}: {e}", markup=False)
             bad += 1
@@ -103,7 +104,8 @@ def cmd_validate(args) -> int:
             bad += 1
         else:
             warn = f", {len(pg.warnings)} warning(s)" if pg.warnings else ""
-            out.print(f"{file}: ok ({pipeline.name}: {len(pipeline.nodes)} nodes, {len(pipeline.models)} models{warn})", markup=False)
+            out.print(f"{file}: ok ({pipeline.name}: {plural(len(pipeline.nodes), 'node')}, "
+                      f"{plural(len(pipeline.models), 'model')}{warn})", markup=False)
             for w in pg.warnings:
                 out.print(f"  {w.line()}", markup=False, style="yellow")
     return EXIT_USAGE if bad else 0
@@ -113,7 +115,7 @@ def cmd_graph(args) -> int:
     from rlflow.view import render_graph, render_problems
     from rlflow.graph import build
 
-    pipeline = apply_overrides(load_pipeline(args.file), args.set or [])
+    pipeline = apply_overrides(load_pipeline(pipeline_file(args.file)), args.set or [])
     pg = build(pipeline)
     c = _console()
     c.print(render_graph(pg, everything=args.all))
@@ -129,7 +131,7 @@ def cmd_compare(args) -> int:
     from rlflow.graph import resolve
     from rlflow.settings import diff
 
-    pipes = [resolve(apply_overrides(load_pipeline(f), args.set or [])) for f in args.files]
+    pipes = [resolve(apply_overrides(load_pipeline(pipeline_file(f)), args.set or [])) for f in args.files]
     rows = diff(*(p.to_config() for p in pipes))
     c = _console()
     if not rows:
@@ -146,20 +148,39 @@ def cmd_compare(args) -> int:
 
 
 def _pipeline_files() -> list[Path]:
+    """Every shipped pipeline file: pipelines/*.py, then pipelines/examples/*.py."""
     import rlflow.pipelines
 
-    return sorted(p for p in Path(rlflow.pipelines.__file__).parent.glob("*.py") if p.name != "__init__.py")
+    root = Path(rlflow.pipelines.__file__).parent
+    return sorted((p for p in root.rglob("*.py") if p.name != "__init__.py"), key=lambda p: (len(p.parts), p))
+
+
+def pipeline_file(arg: str) -> str:
+    """``arg`` itself when it names a file (or looks like a path), else the shipped pipeline of
+    that name (``grpo`` -> pipelines/grpo.py, ``gsm8k_grpo`` -> pipelines/examples/gsm8k_grpo.py)."""
+    if Path(arg).exists() or "/" in arg or arg.endswith((".py", ".json")):
+        return arg
+    shipped = {p.stem: p for p in _pipeline_files()}
+    if arg in shipped:
+        return str(shipped[arg])
+    import difflib
+
+    close = difflib.get_close_matches(arg, list(shipped), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UserError("RF100", f"{arg}: no such pipeline file, nor a shipped pipeline of that name; {hint}"
+                             f"shipped: {', '.join(shipped)} (rlflow list)")
 
 
 def cmd_list(args) -> int:
     from rich.table import Table
 
-    table = Table(title="shipped pipelines (rlflow run pipelines/<file>)", title_justify="left")
+    table = Table(title="shipped pipelines (rlflow run <name>, or rlflow run pipelines/<file>)", title_justify="left")
     table.add_column("file")
     table.add_column("what it is")
+    root = _pipeline_files()[0].parent
     for f in _pipeline_files():
         doc = ast.get_docstring(ast.parse(f.read_text())) or ""
-        table.add_row(f.name, doc.strip().splitlines()[0] if doc.strip() else "")
+        table.add_row(str(f.relative_to(root)), doc.strip().splitlines()[0] if doc.strip() else "")
     _console().print(table)
     return 0
 
@@ -189,83 +210,42 @@ def cmd_docs(args) -> int:
     return 0
 
 
-def _sparkline(values: list[float], width: int = 60) -> str:
-    if not values:
-        return ""
-    blocks = "▁▂▃▄▅▆▇█"
-    step = max(1, len(values) // width)
-    pts = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
-    lo, hi = min(pts), max(pts)
-    return "".join(blocks[int((v - lo) / (hi - lo) * 7) if hi > lo else 0] for v in pts)
-
-
-def _read_records(path: Path, bad: list[str]) -> list[dict[str, Any]]:
-    """The JSON objects of a run's jsonl file, one per line; each unreadable line is noted in ``bad``."""
-    records = []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(f"{path}:{i}: not valid JSON ({e.msg}; a truncated line?)")
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            records.append(rec)
-        else:
-            bad.append(f"{path}:{i}: not a record (a JSON object with a 'step')")
-    return records
-
-
-def _report_summary(c: Console, run: Path, records: list[dict[str, Any]], bad: list[str]) -> None:
-    from rlflow.view import summary_lines, summary_table, timing_table
-
-    summary_file = run / "summary.json"
-    summary = None
-    if summary_file.exists():
-        try:
-            summary = json.loads(summary_file.read_text(errors="replace"))
-        except json.JSONDecodeError as e:
-            bad.append(f"{summary_file}: not valid JSON ({e.msg})")
-    if isinstance(summary, dict):
-        c.print(summary_table(summary))
-        for line in summary_lines(summary):
-            c.print(line, markup=False)
-    elif records:
-        c.print(f"run did not finish: {len(records)} steps recorded", markup=False)
-        if isinstance(records[-1].get("nodes"), dict):
-            c.print(timing_table(records[-1]["nodes"]))
-    else:
-        c.print("no steps recorded", markup=False)
+def _width(console: Console) -> int:
+    """The terminal's width (``$COLUMNS`` or 100 when not a terminal)."""
+    if sys.stdout.isatty():
+        return console.width
+    return int(os.environ.get("COLUMNS", "100") or 100)
 
 
 def cmd_report(args) -> int:
-    """What a run recorded. A line that cannot be read (a run killed mid-write) does not stop
-    the report: every readable record is shown, then the bad lines are reported (RF113, exit 2)."""
-    run = Path(args.run)
+    """What runs recorded: a terminal dashboard (curves, time per node, samples), several runs
+    overlaid; ``--html FILE`` writes the same as one self-contained page. A line that cannot
+    be read (a run killed mid-write) does not stop the report: every readable record is
+    shown, then the bad lines are reported (RF113, exit 2)."""
+    from rlflow.charts import PALETTE
+    from rlflow.report import dashboard, load_run
+
     _positive("--samples", args.samples, zero=True)
-    metrics = run / "metrics.jsonl"
-    if not run.is_dir():
-        raise UserError("RF109", f"{run}: " + ("no such directory" if not run.exists() else "not a run directory (a file)"))
-    if not metrics.is_file():
-        raise UserError("RF109", f"{run}: not a run directory (no metrics.jsonl)")
-    bad: list[str] = []
-    records = _read_records(metrics, bad)
+    runs = [load_run(r, PALETTE[i % len(PALETTE)]) for i, r in enumerate(args.runs)]
     c = _console()
-    _report_summary(c, run, records, bad)
-    rewards = [r["reward/mean"] for r in records if isinstance(r.get("reward/mean"), (int, float))]
-    if rewards:
-        c.print(f"reward  {_sparkline(rewards)}  {rewards[0]:.3f} -> {rewards[-1]:.3f}", markup=False)
-    samples = run / "samples.jsonl"
-    if samples.exists() and args.samples:
-        c.print("last samples:", markup=False)
-        for s in _read_records(samples, bad)[-args.samples:]:
-            reward = f" (reward {s['reward']:g})" if isinstance(s.get("reward"), (int, float)) else ""
-            c.print(f"  step {s['step']}: {s.get('prompt')!r} -> {s.get('response')!r}{reward}", markup=False)
+    c.print(dashboard(runs, _width(c), args.samples))
+    if args.html:
+        _write_html(Path(args.html), runs, args.samples)
+        c.print(f"wrote {args.html}", markup=False)
+    bad = [b for r in runs for b in r.bad]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError("RF113", f"{bad[0]}{more}; what could be read is shown above")
     return 0
+
+
+def _write_html(path: Path, runs, samples: int) -> None:
+    from rlflow.page import html_page
+
+    try:
+        path.write_text(html_page(runs, samples), encoding="utf-8")
+    except OSError as e:
+        raise UserError("RF112", f"--html {path}: cannot write there ({e.strerror or e})") from None
 
 
 def _run_dir(args, pipeline) -> Path:
@@ -297,8 +277,12 @@ def _run_dir(args, pipeline) -> Path:
 
 
 def cmd_run(args) -> int:
+    from rlflow import trackers
+
     _positive("--threads", args.threads)
     _positive("--nproc", args.nproc)
+    _positive("--log-every", args.log_every)
+    names = trackers.parse(args.log)
     pipeline, pg = _load_valid(args.file, args.set or [], steps=args.steps, seed=args.seed)
     if args.nproc and args.nproc > pipeline.data.batch_size:
         raise UserError("RF111", f"--nproc {args.nproc}: more processes than data.batch_size ({pipeline.data.batch_size}); "
@@ -308,7 +292,7 @@ def cmd_run(args) -> int:
         return _launch(args, pipeline, out)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlflow import rundir
-    from rlflow.view import LiveView, render_graph
+    from rlflow.view import Fanout, LiveView, render_graph
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     lock = rundir.lock(out) if rank0 else None  # held until the process ends
@@ -317,22 +301,17 @@ def cmd_run(args) -> int:
     console = _console()
     if rank0 and not args.quiet:
         console.print(render_graph(pg))
-    _quiet_libraries()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from rlflow.engine import Run
-
-    view = LiveView(console, steps=pipeline.steps, enabled=rank0 and not args.quiet)
-    run = Run(pipeline, pg, out, observer=view, lock=lock)
+    view = LiveView(console, steps=pipeline.steps, every=args.log_every or 0, enabled=rank0 and not args.quiet)
+    Run = _import_runtime(view, args.threads)
+    observer = Fanout(view, *trackers.make(names, out)) if rank0 and names else view
+    run = Run(pipeline, pg, out, observer=observer, lock=lock)
     try:
         run.setup()
         if args.resume:
             run.resume()
         run.train()
     finally:
-        view.close()
+        observer.close()
         run.close()
     return 0
 
@@ -376,6 +355,20 @@ def _prepare(pipeline, say=None) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     subprocess.run([sys.executable, "-c", "from rlflow.models import setup_distributed; setup_distributed()"],
                    env=env, check=True, capture_output=True)
+
+
+def _import_runtime(view, threads: Optional[int]):
+    """Import torch, transformers and DeepSpeed (shown and timed as set-up); the engine's Run."""
+    view.doing("importing torch, transformers and deepspeed")
+    _quiet_libraries()
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from rlflow.engine import Run
+
+    view.done("imported torch, transformers and deepspeed")
+    return Run
 
 
 RESUMABLE_CHANGES = ("steps",)  # settings a resume may change without --resume-override (train longer)
@@ -426,18 +419,21 @@ class _Parser(argparse.ArgumentParser):
         raise UserError("RF111", f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rlflow", description="RLHF post-training pipelines as small declarative graphs.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+_SET_HELP = "override a parameter: a node (by name), a model (by name), data or pipeline; repeatable"
+_FILE_HELP = "a pipeline file (.py), a run's config.json, or a shipped pipeline's name (rlflow list)"
 
-    r = sub.add_parser("run", help="train a pipeline")
-    r.add_argument("file")
+
+def _run_arguments(r: argparse.ArgumentParser) -> None:
+    r.add_argument("file", help=_FILE_HELP)
     r.add_argument("--steps", type=int, help="iterations (overrides the pipeline's)")
-    r.add_argument("--seed", type=int)
+    r.add_argument("--seed", type=int, help="random seed (overrides the pipeline's)")
     r.add_argument("--out", help="run directory (default runs/<name>-<time>)")
-    r.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter (repeatable)")
+    r.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help=_SET_HELP)
     r.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    r.add_argument("--log", metavar="TRACKERS", help="also send the metrics to these trackers, comma-separated: "
+                   "tensorboard, wandb, mlflow, csv (docs/watching.md)")
+    r.add_argument("--log-every", type=int, metavar="N", help="keep a step line in the scrollback every N steps "
+                   "(default: about 20 in a run)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest intact checkpoint")
     r.add_argument("--resume-override", action="store_true",
                    help="resume even though the settings differ from the run's config.json")
@@ -446,31 +442,47 @@ def build_parser() -> argparse.ArgumentParser:
                    "data.batch_size stays the global batch)")
     r.set_defaults(fn=cmd_run)
 
-    v = sub.add_parser("validate", help="every check that needs no model: the graph, model paths, data files")
-    v.add_argument("files", nargs="+")
-    v.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter in every file first")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rlflow", description="RLHF post-training pipelines as small declarative graphs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
+    sub = p.add_subparsers(dest="command", required=True)
+    # --debug after the command too; SUPPRESS keeps the top-level value when it is not given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    def command(name: str, text: str):
+        return sub.add_parser(name, help=text, description=text, parents=[common])
+
+    _run_arguments(command("run", "train a pipeline"))
+
+    v = command("validate", "every check that needs no model: the graph, model paths, data files")
+    v.add_argument("files", nargs="+", metavar="file", help=_FILE_HELP + "; several at once")
+    v.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help=_SET_HELP + "; applied to every file")
     v.set_defaults(fn=cmd_validate)
 
-    g = sub.add_parser("graph", help="draw the pipeline's graph")
-    g.add_argument("file")
-    g.add_argument("--all", action="store_true", help="every parameter and data edge")
-    g.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE")
+    g = command("graph", "draw the pipeline's graph")
+    g.add_argument("file", help=_FILE_HELP)
+    g.add_argument("--all", action="store_true", help="show every parameter of every node (defaults included) "
+                   "and the columns each node reads from the data source")
+    g.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help=_SET_HELP)
     g.set_defaults(fn=cmd_graph)
 
-    c = sub.add_parser("compare", help="every setting that differs between pipelines (files or runs' config.json)")
-    c.add_argument("files", nargs="+", help="pipeline files (.py) or runs' config.json")
-    c.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help="override a parameter in every file first")
+    c = command("compare", "every setting that differs between pipelines (files or runs' config.json)")
+    c.add_argument("files", nargs="+", metavar="file", help=_FILE_HELP + "; two or more")
+    c.add_argument("--set", action="append", metavar="NAME.PARAM=VALUE", help=_SET_HELP + "; applied to every file")
     c.set_defaults(fn=cmd_compare)
 
-    lst = sub.add_parser("list", help="the shipped pipelines")
+    lst = command("list", "the shipped pipelines")
     lst.set_defaults(fn=cmd_list)
 
-    rep = sub.add_parser("report", help="timing, reward curve and samples of a run")
-    rep.add_argument("run")
-    rep.add_argument("--samples", type=int, default=8)
+    rep = command("report", "a dashboard of one or more runs: curves, time per node, samples")
+    rep.add_argument("runs", nargs="+", metavar="run", help="a run directory (runs/<name>-<time>); several overlay")
+    rep.add_argument("--samples", type=int, default=8, help="samples shown per run (default 8; 0 for none)")
+    rep.add_argument("--html", metavar="FILE", help="also write the report as one self-contained HTML page")
     rep.set_defaults(fn=cmd_report)
 
-    d = sub.add_parser("docs", help="the settings tables of every node and variant, read off the code")
+    d = command("docs", "the settings tables of every node and variant, read off the code")
     d.add_argument("--write", action="store_true", help="replace the generated tables in docs/nodes.md")
     d.add_argument("--check", action="store_true", help="exit 1 if docs/nodes.md is out of date")
     d.add_argument("--file", help="the page to write or check (default: the repository's docs/nodes.md)")
@@ -502,9 +514,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             traceback.print_exc()
         err.print(f"error: {e}", markup=False)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", 2)  # rlflow.engine.Stopped: a signal ended the run after a checkpoint
+        err.print("stopped" if hasattr(e, "signum") else "interrupted", markup=False)
+        return 128 + signum
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages
         if debug:
             traceback.print_exc()

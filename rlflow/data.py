@@ -1,6 +1,7 @@
-"""Data sources: rows from a ``builtin:`` provider (``rlflow.builtin``), a jsonl file or
-a saved ``datasets`` dataset, served as ``Batch`` es of prompts (or demonstrations, or
-preference pairs).
+"""Data sources: rows from a ``builtin:`` provider (``rlflow.builtin``), a jsonl file, or
+anything the ``datasets`` library reads (a Hugging Face dataset name, a saved dataset, csv,
+json or parquet files), served as ``Batch`` es of prompts (or demonstrations, or
+preference pairs). Chat prompts are rendered with the tokenizer's chat template.
 
 The stream is seeded, walks a shuffled order epoch after epoch, and can report and
 restore its position (for exact resume).
@@ -8,6 +9,7 @@ restore its position (for exact resume).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,41 +17,117 @@ import torch
 
 from rlflow import builtin
 from rlflow.batch import Batch
-from rlflow.inputs import DataError, check_source, iter_jsonl  # noqa: F401  (torch-free; re-exported)
+from rlflow.inputs import (DataError, check_source, field_problem, is_dataset_name, iter_jsonl,  # noqa: F401
+                           needs_datasets)
+from rlflow.models import hub_offline
 from rlflow.spec import DataSource, Demonstrations, Pairs
 
 
 def load_rows(spec: DataSource, split: str = "train") -> Optional[list[dict[str, Any]]]:
-    """All rows of ``split`` ("train" or "eval") as dicts; None when there is no such split."""
+    """All rows of ``split`` ("train" or "eval") as dicts; None when there is no such split.
+
+    The eval rows come from ``eval_source`` (its ``eval_split`` when read through
+    ``datasets``), or from the source's own ``eval_split``.
+    """
     src = spec.source
     if src.startswith("builtin:"):
         problem = check_source(spec)
         if problem:
             raise DataError(problem, "RF108")
         return builtin.data_provider(src).rows(spec.kind, split)
-    path = src if split == "train" else spec.eval_source
+    if split == "train":
+        path, part = src, spec.split
+    else:
+        path, part = spec.eval_source or (src if spec.eval_split else None), spec.eval_split or "train"
     if path is None:
         return None
-    p = Path(path).expanduser()
-    if not p.exists():
+    if needs_datasets(path):
+        return dataset_rows(path, spec.subset, part)
+    if not Path(path).expanduser().exists():
         raise DataError(f"data file {path!r} does not exist", "RF108")
-    if p.is_dir():
-        try:
-            import datasets  # optional: only for datasets saved with save_to_disk
-        except ImportError as e:
-            raise DataError(f"{path!r} is a directory; reading a saved dataset needs `pip install datasets`") from e
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return [dict(r) for r in ds]
     return [row for _, row in iter_jsonl(path)]
 
 
-def _require(rows: list[dict], fields: list[str], source: str) -> None:
+def dataset_rows(src: str, subset: Optional[str], split: str) -> list[dict[str, Any]]:
+    """The rows of ``split`` of a dataset read through ``datasets``: a directory (saved with
+    ``save_to_disk``, or of data files), a csv/json/parquet file, or a Hugging Face dataset
+    name — from the local cache alone when the hub cannot be reached (a clear RF108 when it
+    is not there)."""
+    named = is_dataset_name(src)
+    if named and hub_offline():
+        os.environ["HF_DATASETS_OFFLINE"] = "1"  # read at the import of datasets ...
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading {src!r} needs the datasets library: pip install 'rlflow[data]'", "RF108") from None
+    if named and hub_offline():
+        datasets.config.HF_HUB_OFFLINE = True  # ... in case it was imported already
+    datasets.disable_progress_bars()
+    try:
+        ds = _load_dataset(datasets, src, subset, split)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; each becomes one clear message
+        raise DataError(_why_not_loaded(src, subset, e, named), "RF108") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{src}: no split {split!r}; it has {', '.join(ds)}", "RF114")
+        ds = ds[split]
+    return [dict(r) for r in ds]
+
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+
+
+def _load_dataset(datasets, src: str, subset: Optional[str], split: str):
+    p = Path(src).expanduser()
+    if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+        return datasets.load_from_disk(str(p))  # saved with save_to_disk
+    if p.is_file():
+        if p.suffix not in _BUILDERS:
+            raise DataError(f"{src}: cannot read a {p.suffix or 'suffix-less'} file; use jsonl, json, csv or parquet", "RF114")
+        return datasets.load_dataset(_BUILDERS[p.suffix], data_files=str(p), split="train")
+    return datasets.load_dataset(str(p) if p.is_dir() else src, subset, split=split)
+
+
+def _why_not_loaded(src: str, subset: Optional[str], e: Exception, named: bool) -> str:
+    what = f"{src!r}" + (f" (subset {subset!r})" if subset else "")
+    if named and hub_offline():
+        return (f"dataset {what} is not in the local Hugging Face cache and the hub cannot be reached: download it "
+                f"where there is a network (hf download --repo-type dataset {src}), point the source at local files, "
+                f"or set RLFLOW_ONLINE=1 to try the hub anyway ({type(e).__name__})")
+    return f"dataset {what} could not be loaded: {type(e).__name__}: {e}"
+
+
+def prompt_text(spec: DataSource, row: dict[str, Any], tokenizer) -> str:
+    """The prompt of ``row`` as the model reads it: plain text as it is; a chat (in
+    ``messages_field``, or a prompt that is a list of messages) through the tokenizer's chat
+    template, with the assistant turn opened (``add_generation_prompt=True``)."""
+    value = row[getattr(spec, "messages_field", None) or spec.prompt_field]
+    return value if isinstance(value, str) else chat_text(tokenizer, value)
+
+
+def chat_text(tokenizer, messages: list[dict[str, str]]) -> str:
+    """``messages`` rendered by the tokenizer's chat template, ready for the assistant's reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the prompts are chat messages but the model's tokenizer has no chat template "
+                        "(use an instruct/chat model, set tokenizer.chat_template, or give plain-text prompts)")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def is_chat(spec: DataSource, rows: list[dict[str, Any]]) -> bool:
+    """Whether the prompts of ``rows`` are chats (then the template holds the special tokens)."""
+    return bool(getattr(spec, "messages_field", None)) or any(isinstance(r[spec.prompt_field], list) for r in rows)
+
+
+def _require(rows: list[dict], fields: dict[str, str], source: str) -> None:
     for i, r in enumerate(rows):
-        missing = [f for f in fields if f not in r]
-        if missing:
-            raise DataError(f"{source}: row {i} has no field {missing[0]!r} (it has {sorted(r)})")
+        for setting, name in fields.items():
+            if name not in r:
+                raise DataError(f"{source}: row {i} has no field {name!r} (it has {sorted(r)})")
+            why = field_problem(setting, r[name])
+            if why:
+                raise DataError(f"{source}: row {i}: field {name!r} {why}")
 
 
 def _encode_responses(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,16 +148,17 @@ def make_batch(spec: DataSource, rows: list[dict[str, Any]], tokenizer, first_gr
 
     answer_field = getattr(spec, "answer_field", "answer")
     if isinstance(spec, Pairs):
-        prompts = [r[spec.prompt_field] for r in rows for _ in (0, 1)]
+        prompts = [prompt_text(spec, r, tokenizer) for r in rows for _ in (0, 1)]
         responses = [r[k] for r in rows for k in (spec.chosen_field, spec.rejected_field)]
         answers = [str(r.get(answer_field, r[spec.chosen_field])) for r in rows for _ in (0, 1)]
         group = torch.arange(first_group, first_group + len(rows)).repeat_interleave(2)
     else:
-        prompts = [r[spec.prompt_field] for r in rows]
+        prompts = [prompt_text(spec, r, tokenizer) for r in rows]
         answers = [str(r.get(answer_field, "")) for r in rows]
         responses = [r[spec.completion_field] for r in rows] if isinstance(spec, Demonstrations) else None
         group = torch.arange(first_group, first_group + len(rows))
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    # a chat template writes its own special tokens (BOS ...); plain text gets the tokenizer's
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, add_special_tokens=not is_chat(spec, rows))
     b = Batch({"prompt": prompts, "answer": answers, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "group": group},
               meta={"pad_id": tokenizer.pad_token_id})
     if responses is not None:
@@ -95,6 +174,9 @@ def share(n: int, rank: int, world: int) -> range:
     differ by at most one, the first ranks take the larger shares, and the shares in rank
     order are ``range(n)``."""
     return range(rank * n // world, (rank + 1) * n // world)
+
+
+EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with seed s * stride + e (a prime: no overlap)
 
 
 class DataStream:
@@ -116,13 +198,13 @@ class DataStream:
         rows = load_rows(spec, "train")
         if not rows:
             raise DataError(f"{spec.source}: no rows")
-        _require(rows, list(spec.text_fields().values()), spec.source)
+        _require(rows, spec.text_fields(), spec.source)
         self.rows = rows
         self.epoch, self.pos, self.groups_served = 0, 0, 0
         self._order = self._shuffle()
 
     def _shuffle(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + self.epoch)
         return torch.randperm(len(self.rows), generator=g).tolist()
 
     def next(self) -> Batch:

@@ -58,27 +58,25 @@ def all_reduce_sum(tensor):
     return out
 
 
-def _all_reduce_int(value: int, op) -> int:
+def _all_reduce_int(value: int, op: str) -> int:
     import torch
     import torch.distributed as dist
 
+    if world_size() == 1:
+        return value
     t = torch.tensor([value], dtype=torch.long, device=_backend_device())
-    dist.all_reduce(t, op=op)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return int(t.item())
 
 
 def all_reduce_min(value: int) -> int:
     """The smallest ``value`` over all ranks (the value itself in one process)."""
-    import torch.distributed as dist
-
-    return value if world_size() == 1 else _all_reduce_int(value, dist.ReduceOp.MIN)
+    return _all_reduce_int(value, "MIN")
 
 
 def all_reduce_max(value: int) -> int:
     """The largest ``value`` over all ranks (the value itself in one process)."""
-    import torch.distributed as dist
-
-    return value if world_size() == 1 else _all_reduce_int(value, dist.ReduceOp.MAX)
+    return _all_reduce_int(value, "MAX")
 
 
 def gathered(obj: Any) -> list[Any]:

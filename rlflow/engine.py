@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -47,25 +50,46 @@ class PeerFailure(RuntimeError):
     the rescue checkpoint together)."""
 
 
+class NonFiniteUpdates(RuntimeError):
+    """Too many steps in a row skipped their update for a non-finite loss or gradient."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on a signal after saving a checkpoint; ``signum`` is the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class Observer:
-    """Receives the engine's events. The default prints nothing."""
+    """Receives the engine's events. The default prints nothing.
+
+    ``doing`` says what set-up does now (before ``start``); ``building`` gives the observer
+    of a training run that builds a model during set-up (a provider's ``train``);
+    ``samples`` are the rows a step wrote to samples.jsonl.
+    """
 
     def message(self, text: str) -> None: ...
+    def doing(self, text: str) -> None: ...
+    def building(self, name: str, steps: int) -> "Observer": return Observer()
     def start(self, run: "Run") -> None: ...
     def step(self, step: int, record: dict[str, Any]) -> None: ...
+    def samples(self, step: int, lines: list[dict[str, Any]]) -> None: ...
     def evaluated(self, step: int, figures: dict[str, float]) -> None: ...
     def end(self, summary: dict[str, Any]) -> None: ...
 
 
-def train_pipeline(pipeline: Pipeline, out_dir: Path) -> Path:
-    """Run ``pipeline`` to the end in ``out_dir``, quietly; the directory of its final model.
+def train_pipeline(pipeline: Pipeline, out_dir: Path, observer: Optional[Observer] = None) -> Path:
+    """Run ``pipeline`` to the end in ``out_dir`` (quietly, unless ``observer`` watches); the
+    directory of its final model.
 
     Model providers receive this as ``train`` (``rlflow.provider.Train``) to build a model
     by training (``builtin:tiny-arith`` runs ``pipelines/sft.py``) without importing the engine.
     """
     from rlflow.graph import build
 
-    run = Run(pipeline, build(pipeline), out_dir)
+    run = Run(pipeline, build(pipeline), out_dir, observer=observer or Observer())
     try:
         run.setup()
         run.train()
@@ -90,10 +114,13 @@ class Run:
     start_step: int = 0  # the last step done before this process started (resume)
     resumed_eval: dict[str, float] = field(default_factory=dict)
     lock: Optional[rundir.Lock] = None  # the run directory's lock (taken in setup unless given)
+    skipped_in_a_row: int = 0  # consecutive steps whose update was skipped (non-finite)
 
     def __post_init__(self):
         self.pipeline = self.graph.pipeline
         self.records: Optional[Records] = None
+        self._stepped = False  # an optimizer step of the current step has been taken
+        self._signal = 0  # a signal asked the run to stop after this step
 
     # --- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -122,20 +149,25 @@ class Run:
 
     def _rule_pool(self):
         """The run's pool of reward-rule workers, when a Score node has rules (started now, so
-        its workers start while the first batch is generated)."""
-        if not any(getattr(n, "rules", None) for n in self.pipeline.nodes):
+        its workers start while the first batch is generated); sized by the first such node."""
+        scores = [n for n in self.pipeline.nodes if getattr(n, "rules", None)]
+        if not scores:
             return None
         from rlflow.rules import RulePool
 
-        pool = RulePool()
+        pool = RulePool(scores[0].rule_workers, timeout_s=scores[0].rule_timeout_s)
         pool.start()
         return pool
 
     def _place_models(self) -> None:
         tokenizers: dict[str, Any] = {}
+        def train(pipeline: Pipeline, out_dir: Path) -> Path:  # a provider's build, watched by the observer
+            return train_pipeline(pipeline, out_dir, self.observer.building(spec.path, pipeline.steps))
+
         for name, spec in self.pipeline.models.items():
             t0 = time.perf_counter()
-            self.workers[name] = place(name, spec, on_build=self.observer.message, shared=tokenizers, train=train_pipeline)
+            self.observer.doing(f"placing {name} ({spec.path})")
+            self.workers[name] = place(name, spec, on_build=self.observer.message, shared=tokenizers, train=train)
             kind = "trainable" if spec.train else "frozen"
             self.observer.message(f"placed {name} ({spec.path}, {kind}, head={spec.head}, ZeRO-{spec.zero_stage}, "
                                   f"{spec.precision}) in {time.perf_counter() - t0:.1f}s")
@@ -168,14 +200,18 @@ class Run:
         if dist.rank() == 0 and not self.start_step:
             write_json(self.out_dir / "eval_before.json", before)
         started = time.perf_counter()
-        for step in range(self.start_step + 1, steps + 1):
-            record, batch = self._step(step)
-            if every and step % every == 0 and step != steps:
-                record.update(self.evaluate(step))
-            self.records.write(record, batch)
-            self.observer.step(step, record)
-            if self.pipeline.save_every and step % self.pipeline.save_every == 0:
-                self.checkpoint(step)
+        with self._signals_end_the_step():
+            for step in range(self.start_step + 1, steps + 1):
+                record, batch = self._step(step)
+                if every and step % every == 0 and step != steps:
+                    record.update(self.evaluate(step))
+                lines = self.records.write(record, batch)
+                self.observer.step(step, record)
+                self.observer.samples(step, lines)
+                saved = self.pipeline.save_every and step % self.pipeline.save_every == 0
+                if saved:
+                    self.checkpoint(step)
+                self._stop_if_asked(step, record, saved)
         after = self.evaluate(steps)
         self.save_final()
         summary = self.records.summary(self.pipeline.name, before, after, time.perf_counter() - started)
@@ -186,11 +222,13 @@ class Run:
         return summary
 
     def _step(self, step: int) -> tuple[dict[str, Any], Batch]:
-        """One iteration. A failure or interruption anywhere in it leaves a checkpoint of the
-        last finished step (the models are restored to it first if the update had begun)."""
+        """One iteration. A failure in it leaves a checkpoint of the last finished step, as
+        long as no optimizer step of this one had been taken (the weights are then exactly
+        the last finished step's); after one, the newest checkpoint is the last saved."""
         self.ctx.step = step
         t0 = time.perf_counter()
         rng_before = self._rng_state()
+        self._stepped = self._agreed = False
         try:
             batch, times, metrics = self.experience()
             # every rank takes the same number of optimizer steps: all update, or none does
@@ -199,11 +237,60 @@ class Run:
             else:
                 metrics["update/skipped"] = 1.0
                 self.observer.message(f"step {step}: the filters kept no rows (on some rank); no update this step")
-        except BaseException:  # a failing rule, Ctrl-C, ...: keep what the finished steps learned
-            self._rescue(step - 1, rng_before)
+        except BaseException:  # a failing rule, a second Ctrl-C, ...: keep what the finished steps learned
+            if self._stepped:
+                self.observer.message(f"stopped during the update of step {step}, after optimizer steps; "
+                                      "the newest checkpoint is the last one saved")
+            elif dist.world_size() > 1 and not self._agreed:  # the ranks may be anywhere: no collective save
+                self.observer.message(f"stopped during step {step} in this process alone; "
+                                      "the newest checkpoint is the last one saved")
+            else:
+                self._rescue(step - 1, rng_before)
             raise
         stats = dist.reduce_metrics({"seconds": dist.Max(time.perf_counter() - t0), **batch_stats(batch), **times.as_metrics()})
         return step_record(step, stats, Timings.from_metrics(stats), metrics), batch
+
+    # --- stopping: signals and non-finite updates -------------------------------------------
+    @contextmanager
+    def _signals_end_the_step(self):
+        """SIGINT (Ctrl-C) and SIGTERM (what schedulers send) end the run after the current
+        step, with a checkpoint of it; a second one stops at once (the last finished step is
+        then saved if the update had not begun). Main thread only; the old handlers come back."""
+        self._signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum, frame):
+            if self._signal:
+                raise KeyboardInterrupt
+            self._signal = signum
+            self.observer.message(f"{signal.Signals(signum).name}: stopping after step {self.ctx.step} "
+                                  "(with a checkpoint); send it again to stop now")
+
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _stop_if_asked(self, step: int, record: dict[str, Any], saved: bool) -> None:
+        """After a step: stop on a signal (any rank's), or after too many skipped updates in a row."""
+        skipped = any(v for k, v in record.items() if k.startswith("update/nonfinite_skipped/"))
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        signum = dist.all_reduce_max(self._signal)
+        too_many = self.skipped_in_a_row >= self.pipeline.max_skipped_steps
+        if not signum and not too_many:
+            return
+        path = self.checkpoint(step) if not saved else self.out_dir / "checkpoints" / f"step_{step}"
+        if too_many:
+            raise NonFiniteUpdates(f"the last {self.skipped_in_a_row} steps each skipped their update for a non-finite "
+                                   f"loss or gradient (max_skipped_steps={self.pipeline.max_skipped_steps}); saved the "
+                                   f"last finite weights in {path}. Lower the learning rate, check the rewards, or "
+                                   f"resume with --resume {self.out_dir}")
+        self.observer.message(f"stopped after step {step}; saved {path} — continue with --resume {self.out_dir}")
+        raise Stopped(signum)
 
     def _experience_runners(self) -> list:
         return [self.runners[n.name] for n in self.graph.experience_order()]
@@ -243,12 +330,13 @@ class Run:
                     self.observer.message(f"step {self.ctx.step}: {f.spec.name} kept {groups} of {plan.target_groups} "
                                           f"groups in {rounds} rounds; training on a short batch (allow_short=True)")
                     break
+                self._agreed = True  # the rounds are counted over all ranks: every rank raises here
                 raise RefillError(f"{f.spec.name}: {groups} of {plan.target_groups} groups kept after {rounds} rounds "
                                   f"(max_rounds={plan.max_rounds}); raise max_rounds, lower target_groups, or set allow_short=True")
             rounds += 1
             batch = self.data.next()
             for r in head + [f]:
-                batch = self._run_node(r, batch, times, metrics)  # reward/mean: every sample of every round
+                batch = self._run_node(r, batch, times, metrics)  # reward/*: every sample of every round
             kept.append(batch)
             groups += int(dist.all_reduce_sum(torch.tensor(len(batch.groups()))))
         metrics.update({"filter/rounds": float(rounds), "filter/groups_kept": float(groups)})
@@ -271,6 +359,7 @@ class Run:
             failed = e
         culprit = dist.all_reduce_max(dist.rank() + 1 if failed else 0)  # ranks agree a node failed
         if culprit:
+            self._agreed = True  # every rank raises here: they can save the rescue checkpoint together
             raise failed or PeerFailure(f"process {culprit - 1} failed in node {r.spec.name!r} at step {self.ctx.step}")
         batch, m = out if isinstance(out, tuple) else (batch, out)  # a node may replace the batch
         n_tokens = tokens(batch) if r.spec.model_refs() else 0  # tokens a model read
@@ -318,21 +407,27 @@ class Run:
         """One optimizer step of ``worker`` on a mini-batch: gradients accumulated over its
         micro-batches; each term's denominators are the whole mini-batch's (all ranks). Every
         rank makes as many forward/backward passes (DeepSpeed's gradient reductions are
-        collective): one with fewer micro-batches adds idle passes whose loss is 0."""
+        collective): one with fewer micro-batches adds idle passes whose loss is 0. A
+        non-finite loss on any rank (or a non-finite gradient norm) skips the step on every rank."""
         counts = [r.counts(mini) for r in runners]
         needs = {r.needs for r in runners}
         micros = mini.split(worker.spec.micro_batch_size or len(mini)) if len(mini) else []
         passes = dist.all_reduce_max(len(micros))
         metrics: dict[str, list] = {}
+        bad = False
         for i in range(passes):
             if i < len(micros):
                 total = self._micro_loss(worker, runners, counts, needs, micros[i], metrics)
             else:
                 total = self._idle_loss(worker, runners[0], needs)
+            finite = bool(torch.isfinite(total.detach()).all())
+            bad = bad or not finite
             # DeepSpeed averages gradients over ranks; the loss is already a global mean
-            worker.backward(total * dist.world_size(), last=i == passes - 1)
-        norm = worker.step()
+            worker.backward((total if finite else worker.zero_loss()) * dist.world_size(), last=i == passes - 1)
+        norm, skipped = worker.step(skip=dist.all_reduce_max(int(bad)) > 0)
+        self._stepped = self._stepped or not skipped
         out = {k: dist.combine(v) for k, v in metrics.items()}
+        out[f"update/nonfinite_skipped/{worker.name}"] = float(skipped)
         if norm is not None:
             out[f"grad_norm/{worker.name}"] = norm
         return out

@@ -42,8 +42,8 @@ class Evaluator:
             return {}
         rows = self.rows(spec)
         out: dict[str, float] = {}
-        if rows and self.policy is not None and self.rule is not None and "answer" in rows[0]:
-            out["eval/accuracy"] = self._accuracy(rows, spec.prompt_field)
+        if rows and self.policy is not None and self.rule is not None and getattr(spec, "answer_field", "answer") in rows[0]:
+            out["eval/accuracy"] = self._accuracy(rows, spec)
         if spec.kind == "pairs":
             out.update(self._pair_accuracy(spec, rows))
         elif ev.pairs:
@@ -51,13 +51,16 @@ class Evaluator:
             out.update(self._pair_accuracy(pairs, self.rows(pairs)))
         return out
 
-    def _accuracy(self, rows: list[dict], prompt_field: str) -> float:
+    def _accuracy(self, rows: list[dict], spec) -> float:
+        from rlflow.data import is_chat, prompt_text
         from rlflow.forward import greedy_accuracy
 
         worker = self.workers[self.policy]
         max_new = self.pipeline.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        return greedy_accuracy(worker.module, worker.tokenizer, [r[prompt_field] for r in rows],
-                               [str(r["answer"]) for r in rows], self.rule, max_new_tokens=max_new, device=worker.device,
+        answer = getattr(spec, "answer_field", "answer")
+        return greedy_accuracy(worker.module, worker.tokenizer, [prompt_text(spec, r, worker.tokenizer) for r in rows],
+                               [str(r[answer]) for r in rows], self.rule, max_new_tokens=max_new,
+                               add_special_tokens=not is_chat(spec, rows), device=worker.device,
                                synced=world_size() > 1)  # every rank evaluates the same rows
 
     @no_grad

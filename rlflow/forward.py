@@ -39,7 +39,7 @@ Rule = Callable[[str, dict], float]
 # ---------------------------------------------------------------------------------------
 
 
-def encode_prompts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(tokenizer, texts: list[str], *, add_special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids ``[B, P]`` (long) and attention mask ``[B, P]`` (long).
 
     Padding uses ``tokenizer.pad_token_id``; the tokenizer's own ``padding_side`` is not
@@ -48,6 +48,8 @@ def encode_prompts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Ten
     Llama tokenizer prepends its BOS, GPT-2's and a bare character tokenizer add nothing.
     That is how the model saw text in pre-training, so it is the sensible default; a
     tokenizer configured to *append* EOS to every input should not be used for prompts.
+    Text rendered by a chat template already holds its special tokens: pass
+    ``add_special_tokens=False`` (as TRL does), or a Llama 3 prompt starts with two BOS.
 
     Raises ``ValueError`` for an empty list or a tokenizer without a pad token.
     """
@@ -61,7 +63,7 @@ def encode_prompts(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Ten
         )
     enc = tokenizer(
         texts,
-        add_special_tokens=True,
+        add_special_tokens=add_special_tokens,
         padding=True,
         padding_side="left",
         return_attention_mask=True,
@@ -437,6 +439,7 @@ def greedy_accuracy(
     *,
     max_new_tokens: int,
     batch_size: int = 256,
+    add_special_tokens: bool = True,
     device: torch.device | None = None,
     synced: bool = False,
 ) -> float:
@@ -462,7 +465,7 @@ def greedy_accuracy(
     for start in range(0, len(prompts), batch_size):
         chunk_prompts = prompts[start : start + batch_size]
         chunk_answers = answers[start : start + batch_size]
-        ids, mask = encode_prompts(tokenizer, chunk_prompts)
+        ids, mask = encode_prompts(tokenizer, chunk_prompts, add_special_tokens=add_special_tokens)
         out = sample(
             model,
             ids.to(device),

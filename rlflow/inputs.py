@@ -3,9 +3,12 @@
 ``rlflow validate`` and ``rlflow run`` call the same :func:`validate` (the graph's
 checks, then these), so a run never rejects at start what ``validate`` passed. A jsonl
 data file is read once, line by line, without keeping it: a line that is not a JSON
-object, a row without a text field the source reads, or a file without rows is found
-here, with the file and the line. A ``datasets`` directory is checked for existence only
-(its rows are read when the run starts). No model is loaded and no torch imported.
+object, a row without a text field the source reads (text, or a chat for a prompt), or a
+file without rows is found here, with the file and the line. Data read through the
+``datasets`` library (a directory, a csv/json/parquet file, a Hugging Face dataset name)
+is checked for existence and for the library only; its rows are read when the run
+starts, and a dataset name that is not in the local cache is reported then, when the hub
+cannot be reached. No model is loaded and no torch imported.
 
 Codes (the catalogue is ``rlflow.graph.CODES``): RF107 a model path that cannot name a
 model, RF108 data that does not exist, RF114 a data file that cannot be used as it is.
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from rlflow.graph import PipelineGraph, Problem, build
 from rlflow.loader import UserError
@@ -40,14 +44,35 @@ def check_source(spec: DataSource) -> Optional[str]:
     return _missing(spec.source, spec.kind)
 
 
+# files read without the datasets library; other data files go through it
+NATIVE_SUFFIX = ".jsonl"
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def is_dataset_name(src: str) -> bool:
+    """Whether ``src`` names a Hugging Face dataset (``openai/gsm8k``) rather than a local
+    path: nothing of that name here, no data-file suffix, not a path (``./``, ``/``, ``~``)."""
+    if src.startswith("builtin:") or Path(src).expanduser().exists() or src.endswith(DATA_SUFFIXES):
+        return False
+    return bool(_DATASET_NAME.fullmatch(src))
+
+
+def needs_datasets(src: str) -> bool:
+    """Whether reading ``src`` takes the ``datasets`` library (all but builtin and jsonl)."""
+    return not src.startswith("builtin:") and (is_dataset_name(src) or not src.endswith(NATIVE_SUFFIX)
+                                                or Path(src).expanduser().is_dir())
+
+
 def _missing(src: str, kind: Optional[str] = None) -> Optional[str]:
     if src.startswith("builtin:"):
         return _builtin_missing(src, kind)
-    p = Path(src).expanduser()
-    if not p.exists():
+    named = is_dataset_name(src)
+    if not named and not Path(src).expanduser().exists():
         return f"data file {src!r} does not exist"
-    if p.is_dir() and importlib.util.find_spec("datasets") is None:
-        return f"{src!r} is a directory; reading a saved dataset needs `pip install datasets`"
+    if needs_datasets(src) and importlib.util.find_spec("datasets") is None:
+        what = "the Hugging Face dataset" if named else "a directory" if Path(src).expanduser().is_dir() else "the file"
+        return f"reading {what} {src!r} needs the datasets library: pip install 'rlflow[data]'"
     return None
 
 
@@ -96,10 +121,30 @@ def check_rows(path: str, fields: dict[str, str]) -> None:
                 has = ", ".join(repr(k) for k in sorted(row)) or "nothing"
                 raise DataError(f"{path}:{i}: the row has no field {name!r} (it has {has}); "
                                 f"{setting}= names the field to read")
-            if not isinstance(row[name], str):
-                raise DataError(f"{path}:{i}: field {name!r} is not text (a JSON {_JSON_TYPE.get(type(row[name]), 'value')})")
+            why = field_problem(setting, row[name])
+            if why:
+                raise DataError(f"{path}:{i}: field {name!r} {why}")
     if rows == 0:
         raise DataError(f"{path}: no rows")
+
+
+def chat_problem(value: Any) -> Optional[str]:
+    """Why ``value`` is not a chat (a non-empty list of ``{"role": str, "content": str}``), or None."""
+    if not isinstance(value, list) or not value:
+        return "is not a chat (a non-empty list of {\"role\", \"content\"} messages)"
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return 'is a list but not of chat messages (objects with a "role" and a "content" string)'
+    return None
+
+
+def field_problem(setting: str, value: Any) -> Optional[str]:
+    """Why ``value`` cannot be the text field ``setting`` (a prompt may also be a chat), or None."""
+    if setting == "messages_field" or (setting == "prompt_field" and isinstance(value, list)):
+        return chat_problem(value)
+    if not isinstance(value, str):
+        return f"is not text (a JSON {_JSON_TYPE.get(type(value), 'value')})"
+    return None
 
 
 def check_data(src: str, fields: dict[str, str]) -> None:
@@ -107,7 +152,7 @@ def check_data(src: str, fields: dict[str, str]) -> None:
     why = _missing(src)
     if why:
         raise DataError(why, "RF108")
-    if not src.startswith("builtin:") and not Path(src).expanduser().is_dir():
+    if not src.startswith("builtin:") and not needs_datasets(src):  # datasets' rows are read when the run starts
         check_rows(src, fields)
 
 

@@ -16,6 +16,7 @@ through the same ``from_pretrained`` calls.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,24 +269,39 @@ class Worker:
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
-    def step(self) -> Optional[float]:
-        """One optimizer step; returns the gradient norm before clipping (None if unknown).
+    def zero_loss(self):
+        """A loss of exactly 0 whose gradient reaches every trainable parameter (as zeros): a
+        micro-batch whose loss is not finite still takes part in the backward's collectives."""
+        import torch
 
-        DeepSpeed clips and reports the norm for its ZeRO and mixed-precision optimizers; for
-        plain fp32 ZeRO-0 it would clip without keeping the norm, so there the clipping is
-        done here (one norm computation) and DeepSpeed is given none (see ``place``).
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.device))
+
+    def step(self, *, skip: bool = False) -> tuple[Optional[float], bool]:
+        """One optimizer step: (the gradient norm before clipping or None if unknown, skipped).
+
+        The step is skipped — gradients dropped, weights, optimizer and scheduler untouched —
+        when ``skip`` (the caller saw a non-finite loss) or when the norm computed here is not
+        finite. DeepSpeed clips and reports the norm for its ZeRO and mixed-precision
+        optimizers; for plain fp32 ZeRO-0 it would clip without keeping the norm, so there the
+        clipping is done here (one norm computation) and DeepSpeed is given none (see ``place``).
         """
         import torch
 
         norm = None
-        if _clips_itself(self.spec):
+        if not skip and _clips_itself(self.spec):
             clip = self.spec.grad_clip or float("inf")
             norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
+            skip = not math.isfinite(norm)  # the same on every rank: gradients are all-reduced
+        if skip:
+            self.engine.zero_grad()
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            return norm, True
         self.engine.step()
         if norm is None:
             reported = self.engine.get_global_grad_norm()
             norm = float(reported) if reported is not None else None
-        return norm
+        return norm, False
 
     def lr(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])

@@ -115,15 +115,18 @@ class Records:
         self.metrics_file = (out_dir / "metrics.jsonl").open("a") if writer else None
         self.samples_file = (out_dir / "samples.jsonl").open("a") if writer else None
 
-    def write(self, record: dict[str, Any], batch) -> None:
+    def write(self, record: dict[str, Any], batch) -> list[dict[str, Any]]:
+        """Append ``record`` (and the step's samples); the samples written."""
         self.history.append(record)
+        lines = sample_lines(record["step"], batch)
         if self.metrics_file:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
         if self.samples_file:
-            for s in sample_lines(record["step"], batch):
+            for s in lines:
                 self.samples_file.write(json.dumps(s) + "\n")
             self.samples_file.flush()
+        return lines
 
     def truncate(self, last_step: int) -> None:
         """Keep the records up to ``last_step`` (resume), dropping any written after it."""
@@ -138,21 +141,18 @@ class Records:
         self.samples_file = (self.out_dir / "samples.jsonl").open("a")
 
     def summary(self, name: str, before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
-        node_seconds: dict[str, list[float]] = {}
-        for rec in self.history:
-            for k, t in rec["nodes"].items():
-                node_seconds.setdefault(k, []).append(t["seconds"])
-        rewards = [r["reward/mean"] for r in self.history if "reward/mean" in r]
-        k = max(1, min(REWARD_WINDOW_MAX, len(rewards) // REWARD_WINDOW_SHARE))
+        start, end, k = reward_window([r["reward/mean"] for r in self.history if "reward/mean" in r])
         return {
             "pipeline": name,
             "steps": len(self.history),
             "seconds": round(seconds, 2),
             "eval_before": before,
             "eval_after": after,
-            "reward/start": sum(rewards[:k]) / k if rewards else None,
-            "reward/end": sum(rewards[-k:]) / k if rewards else None,
-            "nodes": {n: {"total_s": round(sum(v), 3), "mean_s": round(sum(v) / len(v), 4)} for n, v in node_seconds.items()},
+            "reward/start": start,
+            "reward/end": end,
+            "reward/window": k,
+            "nodes": node_totals(self.history),
+            "mfu": _means(self.history, "perf/mfu/"),
             "out_dir": str(self.out_dir),
         }
 
@@ -161,6 +161,38 @@ class Records:
             if f:
                 f.close()
         self.metrics_file = self.samples_file = None
+
+
+def reward_window(rewards: list[float]) -> tuple[Optional[float], Optional[float], int]:
+    """(start, end, k): the mean reward of the first and of the last ``k`` steps, ``k`` at most
+    REWARD_WINDOW_MAX and a fifth of the run (None, None, 1 without rewards). The one
+    "reward at the start -> at the end" figure of the summary and the report."""
+    k = max(1, min(REWARD_WINDOW_MAX, len(rewards) // REWARD_WINDOW_SHARE))
+    if not rewards:
+        return None, None, k
+    return sum(rewards[:k]) / k, sum(rewards[-k:]) / k, k
+
+
+def node_totals(history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per node over ``history``: total and mean seconds a step, tokens and tokens/s."""
+    seconds: dict[str, list[float]] = {}
+    toks: dict[str, int] = {}
+    for rec in history:
+        for k, t in (rec.get("nodes") or {}).items():
+            seconds.setdefault(k, []).append(t["seconds"])
+            toks[k] = toks.get(k, 0) + int(t.get("tokens", 0))
+    return {n: {"total_s": round(sum(v), 3), "mean_s": round(sum(v) / len(v), 4), "tokens": toks[n],
+                "tokens_per_s": round(toks[n] / sum(v), 1) if sum(v) > 0 else 0.0} for n, v in seconds.items()}
+
+
+def _means(history: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+    """The mean over ``history`` of every number whose key starts with ``prefix``."""
+    found: dict[str, list[float]] = {}
+    for rec in history:
+        for k, v in rec.items():
+            if k.startswith(prefix) and isinstance(v, (int, float)):
+                found.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in found.items()}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

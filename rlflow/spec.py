@@ -136,9 +136,18 @@ class Model(Spec):
 
 
 class DataSource(Spec):
+    """Rows from ``source``: a ``builtin:`` name, a ``.jsonl`` file, a ``.json``/``.csv``/``.parquet``
+    file or a directory (read through ``datasets``), or a Hugging Face dataset name
+    (``openai/gsm8k``, from the local cache when the hub cannot be reached)."""
+
     source: str
     batch_size: int = Field(16, ge=1, description="prompts (or pairs) per iteration")
-    eval_source: Optional[str] = Field(None, description="held-out rows (jsonl); built-in data has its own eval split")
+    eval_source: Optional[str] = Field(None, description="held-out rows (a file or dataset as source); built-in data "
+                                       "has its own eval split; default with eval_split: the source itself")
+    subset: Optional[str] = Field(None, description="the dataset's configuration name (Hugging Face datasets: "
+                                  "load_dataset(source, subset)), e.g. 'main' for openai/gsm8k")
+    split: str = Field("train", description="the split trained on (datasets read through the datasets library)")
+    eval_split: Optional[str] = Field(None, description="the held-out split (e.g. 'test'), of eval_source or else of source")
 
     def __init__(self, source: Optional[str] = None, /, **kw: Any):
         if source is not None:
@@ -154,11 +163,21 @@ class DataSource(Spec):
 
 
 class Prompts(DataSource):
-    """Prompts with reference answers: ``builtin:arith``, a ``.jsonl`` file or a saved ``datasets`` dataset."""
+    """Prompts with reference answers: ``builtin:arith``, data files or a ``datasets`` dataset.
+
+    A prompt is plain text, used as it is, or a chat — a list of ``{"role", "content"}``
+    messages, in ``prompt_field`` or in ``messages_field`` — rendered with the model
+    tokenizer's chat template (``apply_chat_template(..., add_generation_prompt=True)``).
+    """
 
     kind: Literal["prompts"] = "prompts"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    messages_field: Optional[str] = Field(None, description="a field holding each prompt as chat messages "
+                                          "(rendered with the tokenizer's chat template); replaces prompt_field")
+
+    def text_fields(self) -> dict[str, str]:
+        return {"messages_field": self.messages_field} if self.messages_field else super().text_fields()
 
 
 class Demonstrations(DataSource):
@@ -330,6 +349,10 @@ class Score(Node):
     max_new_tokens: Optional[int] = Field(None, ge=1, description="L_max of the overlong punishment; "
                                           + _FROM_GENERATE.format("max_new_tokens"))
     score_greedy: bool = False
+    rule_timeout_s: float = Field(10.0, gt=0, description="a rule still running on one sample after this long is "
+                                  "killed (its worker process), and the run stops naming the sample")
+    rule_workers: Optional[int] = Field(None, ge=0, description="processes the rules run in; None: the cores torch does "
+                                        "not use (at least 1); 0: in the training process (for debugging)")
 
     @model_validator(mode="before")
     @classmethod
@@ -569,6 +592,8 @@ class Pipeline(Spec):
     seed: int = Field(0, ge=0, lt=2**32)
     eval: Optional[Eval] = Field(default_factory=Eval)
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only the final model)")
+    max_skipped_steps: int = Field(3, ge=1, description="stop (with a checkpoint of the last finite weights) after this "
+                                   "many steps in a row whose update was skipped for a non-finite loss or gradient")
     phases: list[Phase] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from rlflow.cli import main
 
 REPO = Path(__file__).parent.parent
 PIPES = REPO / "pipelines"
+FIX_DIR = Path(__file__).parent / "fixtures"
 
 
 def rlflow(*args, **kw):
@@ -44,7 +45,7 @@ def test_graph_shows_nodes_models_and_edges(capsys):
     text = capsys.readouterr().out
     for words in ("actor: builtin:tiny-arith", "ref: builtin:tiny-arith", "advantage [advantage:group_norm]",
                   "← score: rewards", "← ref_logprob: ref_logprobs", "kl_coef=0.04", "agg=seq-mean-token-mean",
-                  "update: 1 epoch(s) x 1 mini-batch(es)"):
+                  "update: 1 epoch x 1 mini-batch"):
         assert words in text, words
 
 
@@ -80,3 +81,33 @@ def test_validate_every_shipped_pipeline(capsys):
     assert main(["validate", *files]) == 0
     out = capsys.readouterr().out
     assert out.count(": ok") == len([f for f in files if not f.endswith("__init__.py")])
+
+
+def test_a_shipped_pipeline_is_found_by_name(capsys):
+    assert main(["graph", "grpo"]) == 0 and "grpo  5 nodes, 2 models" in capsys.readouterr().out
+    assert main(["validate", "dapo", "gsm8k_grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "dapo: ok (dapo: 5 nodes, 1 model)" in out and "gsm8k_grpo: ok" in out
+    assert main(["run", "grpp"]) == 2
+    assert "RF100 grpp: no such pipeline file, nor a shipped pipeline of that name; did you mean 'grpo'?" in capsys.readouterr().err
+
+
+def test_debug_is_accepted_after_the_command(capsys):
+    assert main(["run", str(FIX_DIR / "wrong_type.py"), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["graph", "grpo", "--debug"]) == 0
+
+
+def test_every_argument_of_every_command_has_help():
+    import argparse
+
+    from rlflow.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, missing
+    assert all(a.help for a in sub._choices_actions)  # every command too
+    graph_all = next(a for a in sub.choices["graph"]._actions if a.dest == "all")
+    assert "every parameter" in graph_all.help and "data source" in graph_all.help

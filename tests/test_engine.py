@@ -2,6 +2,7 @@
 checkpoints, failures. Uses builtin:tiny-arith-init (no SFT needed) to stay fast."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -48,9 +49,9 @@ def test_update_is_invariant_to_micro_batch_size(agg, tmp_path):
         worker = run.workers["actor"]
         step = worker.step
 
-        def capture(step=step, worker=worker):
+        def capture(step=step, worker=worker, **kw):
             grads.append(torch.cat([p.grad.flatten().clone() for p in worker.module.parameters()]))
-            return step()
+            return step(**kw)
 
         worker.step = capture
         run.train(1)
@@ -70,9 +71,9 @@ def test_entropy_bonus_from_the_same_forward_is_invariant_to_micro_batch_size(lo
         worker = run.workers["actor"]
         step = worker.step
 
-        def capture(step=step, worker=worker):
+        def capture(step=step, worker=worker, **kw):
             grads.append(torch.cat([p.grad.flatten().clone() for p in worker.module.parameters()]))
-            return step()
+            return step(**kw)
 
         worker.step = capture
         run.train(1)
@@ -130,6 +131,27 @@ def test_dynamic_sampling_refills_to_the_target(tmp_path):
     assert metrics["filter/rounds"] >= 1
 
 
+def test_dynamic_sampling_averages_every_reward_part_over_the_rounds(tmp_path):
+    """reward/<rule> is averaged over every refill round like reward/mean, so the parts still
+    add up to the mean (weights 1): the first round scores 1 everywhere (every group dropped)."""
+    calls = []
+
+    def first_round_uniform(resp, row):
+        calls.append(1)
+        return 1.0 if len(calls) <= 12 else float(len(resp) % 2)
+
+    actor = Model(INIT, train=True, lr=1e-3)
+    p = Pipeline(name="d", data=Prompts("builtin:arith", batch_size=3), models={"actor": actor},
+                 nodes=[Generate("actor", n=4, max_new_tokens=4),
+                        Score(rules={"a": (first_round_uniform, 1.0), "b": (lambda resp, row: 0.5, 1.0)}),
+                        Filter("dynamic", metric="rewards_a", target_groups=3, max_rounds=50), Advantage("group_norm"),
+                        Loss("clip")], steps=1, eval=None)
+    _, _, metrics = run_of(p, tmp_path).experience()
+    assert metrics["filter/rounds"] >= 2
+    assert metrics["reward/a"] < 1.0  # not the first round's alone, nor any single round's
+    assert metrics["reward/mean"] == pytest.approx(metrics["reward/a"] + metrics["reward/b"], abs=1e-6)
+
+
 def test_dynamic_sampling_out_of_rounds_is_a_clear_error(tmp_path):
     actor = Model(INIT, train=True)
     p = Pipeline(name="d", data=Prompts("builtin:arith", batch_size=2), models={"actor": actor},
@@ -177,22 +199,20 @@ def test_failing_reward_rule_names_the_sample(rule, words, tmp_path):
     assert "on response" in str(e.value) and "'answer'" in str(e.value)
 
 
-def test_hanging_reward_rule_is_stopped(tmp_path, monkeypatch):
+def test_hanging_reward_rule_is_stopped(tmp_path):
     import time
 
-    import rlflow.nodes.score as score
     from rlflow.nodes.score import RewardRuleError
 
-    monkeypatch.setattr(score, "RULE_TIMEOUT_S", 0.2)
     actor = Model(INIT, train=True)
     p = Pipeline(name="h", data=Prompts("builtin:arith", batch_size=1), models={"actor": actor},
-                 nodes=[Generate("actor", n=2, max_new_tokens=2), Score(rules={"slow": lambda r, row: time.sleep(5) or 1.0}),
+                 nodes=[Generate("actor", n=2, max_new_tokens=2), Score(rules={"slow": lambda r, row: time.sleep(60) or 1.0}, rule_timeout_s=0.2),
                         Advantage("group_norm"), Loss("clip")], steps=1, eval=None)
     run = run_of(p, tmp_path)
     t0 = time.perf_counter()
     with pytest.raises(RewardRuleError, match="hung"):
         run.experience()
-    assert time.perf_counter() - t0 < 3
+    assert time.perf_counter() - t0 < 30  # the rule sleeps 60 s: it was stopped
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -261,7 +281,8 @@ def test_reward_model_trained_then_used_by_path_in_ppo(reward_from, tmp_path):
     run = run_of(ppo, tmp_path, "ppo")
     batch, _, metrics = run.experience()
     assert "reward/model" in metrics and batch["rewards"].abs().sum() > 0
-    run.update(batch)
+    upd = run.update(batch)
+    assert math.isfinite(upd["loss/pg"]) and math.isfinite(upd["loss/value"]) and upd["grad_norm/critic"] > 0
 
 
 def test_recomputed_old_logprobs_match_the_sampling_pass(tmp_path):
@@ -320,6 +341,7 @@ def test_dropout_is_disabled_on_placed_models(tmp_path):
     mods = [m for m in run.workers["actor"].module.modules() if isinstance(m, torch.nn.Dropout)]
     assert mods and all(m.p == 0.0 for m in mods)
     run.train(1)  # a GPT-2 goes through the same code as the built-in Llama
+    assert len(run.history) == 1 and math.isfinite(run.history[0]["loss/pg"])
 
 
 def test_a_failing_step_leaves_a_checkpoint_to_resume_from(tmp_path):

@@ -93,7 +93,7 @@ def test_report_shows_the_readable_steps_before_the_bad_line(tmp_path, monkeypat
     _write(tmp_path, case.files)
     main(case.argv)
     out = capsys.readouterr().out
-    assert "run did not finish: 1 steps recorded" in out and "generate" in out
+    assert "r: 1 step in 0.0s (did not finish)" in out and "generate" in out
 
 
 def test_good_jsonl_data_passes(tmp_path, monkeypatch, capsys):
