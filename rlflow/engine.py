@@ -32,7 +32,7 @@ import torch
 from rlflow import checkpoint, dist, rundir
 from rlflow.batch import Batch, mini_batch_groups
 from rlflow.checkpoint import ResumeError  # noqa: F401  (re-exported for the CLI)
-from rlflow.data import DataStream
+from rlflow.data import DataStream, share
 from rlflow.evaluation import Evaluator
 from rlflow.graph import PipelineGraph
 from rlflow.models import Worker, place
@@ -319,7 +319,8 @@ class Run:
 
     def _refill(self, f, head: list, times: Timings, metrics: dict) -> Batch:
         """Fresh prompts through ``head`` and the filter ``f`` until it has kept its target
-        (groups counted over all ranks, so every rank runs as many rounds)."""
+        (groups counted over all ranks, so every rank runs as many rounds); with several
+        processes the kept groups of all ranks are cut to the target and shared out again."""
         plan = f.refill(self.pipeline.data.batch_size)
         kept: list[Batch] = []
         rounds = groups = 0
@@ -341,14 +342,21 @@ class Run:
             groups += int(dist.all_reduce_sum(torch.tensor(len(batch.groups()))))
         metrics.update({"filter/rounds": float(rounds), "filter/groups_kept": float(groups)})
         batch = Batch.cat(kept) if any(len(b) for b in kept) else kept[-1]
-        return f.truncate(batch, self._first_of_target(batch, plan.target_groups))
+        if dist.world_size() == 1:
+            return f.truncate(batch, plan.target_groups)
+        every = f.truncate(self._every_rank(batch), plan.target_groups)  # the groups one process would keep
+        ids = every.groups()
+        mine = share(len(ids), dist.rank(), dist.world_size())
+        return every.take_groups(ids[mine.start:mine.stop])  # shared out again: no rank is left without rows
 
     @staticmethod
-    def _first_of_target(batch: Batch, target: int) -> int:
-        """How many of this rank's groups are among the first ``target`` kept groups of all
-        ranks (group ids are global and grow with the data order)."""
-        first = sorted(g for ids in dist.gathered(batch.groups()) for g in ids)[:target]
-        return len(set(batch.groups()) & set(first))
+    def _every_rank(batch: Batch) -> Batch:
+        """The rows of every rank (on the CPU), groups in global order: group ids are global
+        and grow with the data order."""
+        cpu = Batch({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.columns.items()}, meta=batch.meta)
+        parts = dist.gathered(cpu)
+        whole = Batch.cat(parts) if any(len(b) for b in parts) else cpu
+        return whole.take_groups(sorted(whole.groups()))
 
     def _run_node(self, r, batch: Batch, times: Timings, metrics: dict) -> Batch:
         t0 = time.perf_counter()

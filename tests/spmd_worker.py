@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlflow import Advantage, Generate, Loss, Model, Pipeline, Prompts, RefLogprob, Score, Value
+from rlflow import Advantage, Filter, Generate, Loss, Model, Pipeline, Prompts, RefLogprob, Score, Value
 from rlflow.engine import Run
 from rlflow.graph import build
 
@@ -41,6 +41,23 @@ def grpo(**kw) -> Pipeline:
                     nodes=[Generate("actor", n=4, max_new_tokens=4), Score(rules={"length": length_rule()}), RefLogprob("ref"),
                            Advantage("group_norm"), Loss("clip", kl_coef=0.04, agg="seq-mean-token-mean")],
                     **{"steps": 2, "eval": None, "seed": 7, **kw})
+
+
+def long_rule():
+    def long(response, row):  # equal for many groups: dynamic sampling drops them and refills
+        return float(len(response) >= 4)
+
+    return long
+
+
+def dapo(**kw) -> Pipeline:
+    """Dynamic sampling: refill rounds, the cut to the target, the kept groups shared out again."""
+    actor = Model(INIT, train=True, lr=1e-3, micro_batch_size=4)
+    return Pipeline(name="dapo", data=Prompts("builtin:arith", batch_size=4), models={"actor": actor},
+                    nodes=[Generate("actor", n=2, max_new_tokens=4), Score(rules={"long": long_rule()}),
+                           Filter("dynamic", metric="rewards", max_rounds=20), Advantage("group_norm"),
+                           Loss("clip_higher", agg="token-mean")],
+                    **{"steps": 2, "eval": None, "seed": 7, "mini_batches": 2, **kw})
 
 
 def ppo(**kw) -> Pipeline:
@@ -67,10 +84,11 @@ def weights(run: Run, model: str = "actor") -> torch.Tensor:
 
 
 def equivalence(out: Path) -> None:
-    """GRPO and PPO for 2 steps each; metrics.jsonl and final/ in out/<name>. With several
+    """GRPO, PPO and DAPO-style dynamic sampling for 2 steps each; metrics.jsonl and final/ in
+    out/<name>. With several
     processes also GRPO with every model under ZeRO-3 (the frozen reference sharded too), in
     out/zero3."""
-    for pipeline in (grpo(), ppo()):
+    for pipeline in (grpo(), ppo(), dapo()):
         train(pipeline, out / pipeline.name)
     if torch.distributed.get_world_size() > 1:
         zero(out, 3)

@@ -1,6 +1,7 @@
 """The same pipeline on two processes (``python -m torch.distributed.run``, gloo on the CPU)
-computes what one process does: GRPO and PPO (and GRPO with every model under ZeRO-3,
-the frozen reference sharded too) give the same per-step metrics and final weights; a failure on one rank leaves a rescue checkpoint that every rank wrote, and resuming
+computes what one process does: GRPO, PPO and dynamic sampling (and GRPO with every model
+under ZeRO-3, the frozen reference sharded too) give the same per-step metrics and final
+weights; a failure on one rank leaves a rescue checkpoint that every rank wrote, and resuming
 from it with two processes is exact; ``rlflow run --nproc 2`` starts the processes itself.
 
 What is pinned is listed in tests/spmd_worker.py. Tolerances: the metrics are written
@@ -59,8 +60,8 @@ def records(run_dir: Path) -> list[dict]:
 def test_two_processes_compute_what_one_does(env, tmp_path):
     two_processes(env, str(HERE / "spmd_worker.py"), "equivalence", str(tmp_path / "two"))
     spmd_worker.equivalence(tmp_path / "one")
-    for name, two in (("grpo", "grpo"), ("ppo", "ppo"), ("grpo", "zero3")):  # zero3: every model under ZeRO-3
-        same_run(tmp_path / "one" / name, tmp_path / "two" / two, rows=16 if name == "grpo" else 8)
+    for name, two in (("grpo", "grpo"), ("ppo", "ppo"), ("dapo", "dapo"), ("grpo", "zero3")):  # zero3: every model under ZeRO-3
+        same_run(tmp_path / "one" / name, tmp_path / "two" / two, rows={"grpo": 16, "ppo": 8, "dapo": 8}[name])
 
 
 def same_run(one_dir: Path, two_dir: Path, rows: int) -> None:
