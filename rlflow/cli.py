@@ -339,7 +339,27 @@ def _launch(args, pipeline, out: Path) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "rlflow", *argv]
-    return subprocess.run(cmd, env=env).returncode
+    return _wait_for(subprocess.Popen(cmd, env=env))
+
+
+def _wait_for(launcher) -> int:
+    """Wait for the launcher and its processes to finish. Ctrl-C reached them too (one
+    process group): they end their step, save a checkpoint and stop, so keep waiting; a
+    SIGTERM sent to this process alone is passed on to the launcher, which passes it on."""
+    import signal
+
+    def forward(signum, frame):
+        launcher.send_signal(signum)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                return launcher.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _prepare(pipeline, say=None) -> None:
