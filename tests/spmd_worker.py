@@ -16,6 +16,8 @@ mini-batch). The rules are closures, so they run in each process (no rule worker
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -107,21 +109,44 @@ def failing_at_step_3():
     return length
 
 
+def terminated_at_step_2():
+    """The length rule, sending SIGTERM to the last rank's own process at its second step's scoring."""
+    calls = {"n": 0}
+
+    def length(response, row):
+        calls["n"] += 1
+        if calls["n"] == 9 and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return float(len(response))
+
+    return length
+
+
+def stopped(pipeline: Pipeline, out: Path) -> str:
+    try:
+        train(pipeline, out)
+    except BaseException as e:  # noqa: BLE001 - a failure (RewardRuleError, PeerFailure) or Stopped (a signal)
+        return f"{type(e).__name__}: {e}"
+    raise AssertionError("the run was not stopped")
+
+
+def with_rule(pipeline: Pipeline, rule) -> Pipeline:
+    return pipeline.model_copy(update={"nodes": [pipeline.nodes[0], Score(rules={"length": rule}), *pipeline.nodes[2:]]})
+
+
 def resume(out: Path) -> None:
     """3 steps uninterrupted == 2 steps, a failure on one rank at step 3 (the rescue checkpoint
-    of step 2 is written by every rank), resume, 1 more step; bit for bit."""
+    of step 2 is written by every rank), resume, 1 more step; and == a SIGTERM to one rank
+    during step 2 (every rank ends step 2 and saves it), resume, 1 more step; bit for bit."""
     full = train(grpo(steps=3), out / "full")
-    flaky = grpo(steps=3)
-    flaky = flaky.model_copy(update={"nodes": [flaky.nodes[0], Score(rules={"length": failing_at_step_3()}), *flaky.nodes[2:]]})
-    try:
-        train(flaky, out / "part")
-        raise AssertionError("the failing rule did not stop the run")
-    except Exception as e:  # noqa: BLE001 - the rank whose rule failed has its error, the other a PeerFailure
-        failure = f"{type(e).__name__}: {e}"
-    again = train(grpo(steps=3), out / "part", resume=True)
-    same = bool(torch.equal(weights(again), weights(full)))
+    result = {}
+    for name, rule in (("failure", failing_at_step_3()), ("signal", terminated_at_step_2())):
+        result[name] = stopped(with_rule(grpo(steps=3), rule), out / name)
+        again = train(grpo(steps=3), out / name, resume=True)
+        result[name + "_resumed_from"] = again.start_step
+        result[name + "_same"] = bool(torch.equal(weights(again), weights(full)))
     if torch.distributed.get_rank() == 0:
-        (out / "resume.json").write_text(json.dumps({"failure": failure, "resumed_from": again.start_step, "same": same}))
+        (out / "resume.json").write_text(json.dumps(result))
 
 
 def zero(out: Path, stage: int = 3) -> None:

@@ -1,8 +1,8 @@
 """The same pipeline on two processes (``python -m torch.distributed.run``, gloo on the CPU)
 computes what one process does: GRPO, PPO and dynamic sampling (and GRPO with every model
 under ZeRO-3, the frozen reference sharded too) give the same per-step metrics and final
-weights; a failure on one rank leaves a rescue checkpoint that every rank wrote, and resuming
-from it with two processes is exact; ``rlflow run --nproc 2`` starts the processes itself.
+weights; a failure or a SIGTERM on one rank leaves a checkpoint that every rank wrote, and
+resuming from it with two processes is exact; ``rlflow run --nproc 2`` starts the processes itself.
 
 What is pinned is listed in tests/spmd_worker.py. Tolerances: the metrics are written
 rounded to 6 digits and agree to 1e-6 (float32 sums in another order: each rank's forward
@@ -81,15 +81,16 @@ def same_run(one_dir: Path, two_dir: Path, rows: int) -> None:
             torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=5e-5)
 
 
-def test_a_failure_on_one_rank_leaves_a_checkpoint_and_resume_with_two_processes_is_exact(env, tmp_path):
+def test_a_failure_or_a_signal_on_one_rank_leaves_a_checkpoint_and_resume_with_two_processes_is_exact(env, tmp_path):
     two_processes(env, str(HERE / "spmd_worker.py"), "resume", str(tmp_path))
     result = json.loads((tmp_path / "resume.json").read_text())
     assert "grader is down" in result["failure"] or "process 1 failed in node 'score'" in result["failure"]
-    assert result["resumed_from"] == 2
-    assert result["same"]  # bit for bit: the same weights as the run that was never interrupted
-    manifest = json.loads((tmp_path / "part" / "checkpoints" / "step_2" / "manifest.json").read_text())
-    assert manifest["world_size"] == 2
-    assert {"state.rank0.json", "state.rank1.json"} <= {f["path"] for f in manifest["files"]}
+    assert result["failure_resumed_from"] == 2 and result["failure_same"]  # bit for bit
+    assert result["signal"].startswith("Stopped") and result["signal_resumed_from"] == 2 and result["signal_same"]
+    for name in ("failure", "signal"):
+        manifest = json.loads((tmp_path / name / "checkpoints" / "step_2" / "manifest.json").read_text())
+        assert manifest["world_size"] == 2
+        assert {"state.rank0.json", "state.rank1.json"} <= {f["path"] for f in manifest["files"]}
 
 
 def test_rlflow_run_nproc_starts_the_processes(env, tmp_path):
