@@ -373,7 +373,8 @@ def _prepare(pipeline, say=None) -> None:
     for spec in pipeline.models.values():
         resolve(spec.path, train=train_pipeline, on_build=say)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    subprocess.run([sys.executable, "-c", "from rlflow.models import setup_distributed; setup_distributed()"],
+    cpu_adam = any(m.train and m.offload and m.zero_stage > 0 for m in pipeline.models.values())
+    subprocess.run([sys.executable, "-c", f"from rlflow.models import build_ops; build_ops(cpu_adam={cpu_adam})"],
                    env=env, check=True, capture_output=True)
 
 

@@ -354,11 +354,33 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
     module.train()
     if spec.gradient_checkpointing:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(module.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    opt = _adamw(spec, module.parameters())
     warm = spec.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config(spec, _hidden(module)))
     return Worker(name, spec, engine, engine.module, tokenizer, path, device)
+
+
+def _adamw(spec: Model, params):
+    """AdamW; DeepSpeed's C++ CPU Adam (the same update, ``adamw_mode``) when the optimizer
+    state is offloaded to the CPU, as ZeRO-Offload requires (JIT-built on first use)."""
+    import torch
+
+    if spec.offload and spec.zero_stage > 0:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+
+def build_ops(cpu_adam: bool = False) -> None:
+    """Build DeepSpeed's JIT ops this run needs (the communication op; CPU Adam for offload)
+    once, before several processes would build them at the same time."""
+    setup_distributed()
+    if cpu_adam:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load()
 
 
 def _hidden(module) -> Optional[int]:
