@@ -15,6 +15,7 @@ from typing import Annotated, Any, Mapping, Optional
 
 from pydantic import Field
 
+from rlflow.dist import Mean, Sum
 from rlflow.lazy import torch
 from rlflow.node import Context, NodeRunner, runner
 from rlflow.spec import FILTERS, filter_variant
@@ -26,7 +27,7 @@ class Kept:
 
     keep: Optional[torch.Tensor]  # [B] bool, or [K] long row order; None keeps every row as it is
     columns: dict[str, torch.Tensor] = field(default_factory=dict)  # new columns, one row per kept row
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # rlflow.dist metrics: Mean, Sum or float
 
 
 def group_spread(metric: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,7 @@ def dynamic(
     keep = dynamic_keep(cols[metric].float(), group, tolerance)  # [B] bool
     n_groups = int(torch.unique(group).numel())
     n_kept = int(torch.unique(group[keep]).numel()) if bool(keep.any()) else 0
-    return Kept(keep, metrics={"filter/groups_seen": float(n_groups), "filter/keep_frac": n_kept / max(1, n_groups)})
+    return Kept(keep, metrics={"filter/groups_seen": Sum(float(n_groups)), "filter/keep_frac": Mean(float(n_kept), float(n_groups))})
 
 
 @filter_variant(reads={"response_mask": "token", "truncated": "seq"}, writes={"loss_mask": "token"}, drops_rows=False)
@@ -122,7 +123,7 @@ def overlong(cols: Mapping[str, Any]) -> Kept:
     Loss at it with ``Loss(..., mask="loss_mask")``."""
     m, truncated = cols["response_mask"], cols["truncated"]  # [B,T], [B]
     loss_mask = m * (~truncated.bool()).to(m.dtype).unsqueeze(-1)  # [B,T]
-    return Kept(None, {"loss_mask": loss_mask}, {"filter/truncated_masked": float(truncated.float().mean())})
+    return Kept(None, {"loss_mask": loss_mask}, {"filter/truncated_masked": Mean(float(truncated.float().sum()), float(truncated.numel()))})
 
 
 @filter_variant(reads={"rewards": "seq", "group": "seq"}, writes={"chosen": "seq"}, group_based=True)
@@ -134,7 +135,7 @@ def pairs(cols: Mapping[str, Any]) -> Kept:
     c, r, ties = best_worst(rewards.float().cpu(), cols["group"].cpu())
     order = torch.stack([c, r], dim=1).flatten() if len(c) else torch.zeros(0, dtype=torch.long)  # [2P]
     chosen = torch.tensor([1.0, 0.0], device=rewards.device).repeat(len(c))  # [2P]
-    return Kept(order, {"chosen": chosen}, {"filter/pairs": float(len(c)), "filter/ties_dropped": float(ties)})
+    return Kept(order, {"chosen": chosen}, {"filter/pairs": Sum(float(len(c))), "filter/ties_dropped": Sum(float(ties))})
 
 
 # --- the node runner ------------------------------------------------------------------------

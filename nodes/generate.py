@@ -7,6 +7,10 @@ verl and TRL do (the two agree to ~1e-6 in fp32; in bf16 recompute them), trunca
 [B*n] and the decoded response texts. Rows of one prompt stay together and share its
 ``group``. With ``greedy_baseline=True`` it also decodes one greedy response per
 prompt (ReMax), repeated on each of the prompt's rows.
+
+A prompt's samples come from a generator of its own, seeded by (run seed, step, global
+prompt index) and made on the model's device: they are the same whichever process, and
+whichever other prompts, it is sampled with (DESIGN.md "Placement and scale").
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ class GenerateRunner(ModelRunner):
             return self._run(batch, ctx)
 
     def _run(self, batch, ctx: Context):
-        from rlflow.forward import decode, response_logprobs, sample
+        from rlflow.dist import Mean, world_size
+        from rlflow.forward import decode, prompt_generators, response_logprobs, sample
 
         s = self.spec
         worker = self.worker(ctx)
         tok = worker.tokenizer
         batch = self.inputs(batch, ctx)
         rows = batch.repeat_interleave(s.n)  # [B*n], a prompt's samples are adjacent
+        synced = world_size() > 1  # every rank decodes as many tokens (ZeRO-3 forwards are collective)
         out = sample(worker.module, rows["prompt_ids"], rows["prompt_mask"], max_new_tokens=s.max_new_tokens,
-                     temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=ctx.generator)
+                     temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id, generators=prompt_generators(ctx.seed, ctx.step, rows["group"]),
+                     synced=synced)
         rows["response_ids"] = out.response_ids
         rows["response_mask"] = out.response_mask
         rows["old_logprobs"] = out.logprobs
@@ -43,10 +50,10 @@ class GenerateRunner(ModelRunner):
         rows["response"] = decode(tok, out.response_ids, out.response_mask)
         if s.greedy_baseline:
             g = sample(worker.module, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=s.max_new_tokens,
-                       greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                       greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced=synced)
             texts = decode(tok, g.response_ids, g.response_mask)
             rows["greedy_response_ids"] = g.response_ids.repeat_interleave(s.n, 0)
             rows["greedy_response_mask"] = g.response_mask.repeat_interleave(s.n, 0)
             rows["greedy_response"] = [t for t in texts for _ in range(s.n)]
-        metrics = {"generate/truncated_frac": float(out.truncated.float().mean())}
+        metrics = {"generate/truncated_frac": Mean(float(out.truncated.float().sum()), float(len(rows)))}
         return rows, metrics

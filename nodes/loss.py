@@ -22,15 +22,16 @@ Shapes: B rows of the micro-batch, T response tokens, P pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 from pydantic import Field
 
+from rlflow.dist import Lazy, Mean, Stat
 from rlflow.lazy import F, no_grad, torch
 from rlflow.node import ModelRunner, runner
 from rlflow.spec import LOSSES, loss_variant
 
-from .masked import AggMode, Counts, KlCoef, KlEstimator, aggregate, count, kl_estimate, masked_mean
+from .masked import AggMode, Counts, KlCoef, KlEstimator, aggregate, aggregate_mean, count, kl_estimate, mean_of
 
 Positive = Annotated[float, Field(gt=0)]
 DualClip = Annotated[Optional[float], Field(gt=1, description="dual-clip constant c > 1 (Ye et al. 2019); None: off")]
@@ -39,22 +40,28 @@ DualClip = Annotated[Optional[float], Field(gt=1, description="dual-clip constan
 @dataclass
 class LossTerm:
     loss: torch.Tensor  # scalar with grad: this micro-batch's share of the mini-batch loss
-    metrics: dict[str, float]  # micro-batch values; the engine averages them
+    metrics: dict[str, Any]  # micro-batch values as rlflow.dist metrics (Mean: added up over micro-batches and ranks)
 
 
 # --- helpers -------------------------------------------------------------------------
 
 
-def _local_counts(mask: torch.Tensor, constant: float) -> Counts:
-    """This micro-batch's own denominators, for metrics only (no all-reduce)."""
-    m = mask.detach().to(torch.float64)
-    return Counts(tokens=m.sum().item(), seqs=(m.sum(-1) > 0).sum().item(), rows=float(m.shape[0]), constant=constant)
+def _floats(values: dict[str, Any]) -> dict[str, float]:
+    """Scalar tensors, and the tensor sums of ``Lazy`` metrics, to floats (Stats for the
+    latter, ``rlflow.dist``), with one device sync for all of them."""
+    parts = [v.parts if isinstance(v, Lazy) else (v,) for v in values.values()]
+    leaves = [x for p in parts for x in p if isinstance(x, torch.Tensor)]
+    flat = iter(torch.stack([x.detach().to(torch.float64).reshape(()) for x in leaves]).tolist() if leaves else [])
+    out = {}
+    for (k, v), p in zip(values.items(), parts):
+        nums = [next(flat) if isinstance(x, torch.Tensor) else float(x) for x in p]
+        out[k] = v.kind(*nums) if isinstance(v, Lazy) else nums[0]
+    return out
 
 
-def _floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Scalar tensors to plain floats, with one device sync for all of them."""
-    flat = torch.stack([v.detach().to(torch.float64).reshape(()) for v in values.values()]).tolist()
-    return dict(zip(values, flat))
+def _over_pairs(x: torch.Tensor) -> Lazy:
+    """A per-pair metric [P] as a mean over pairs that adds up over micro-batches and ranks."""
+    return Lazy(Mean, (x.sum(), float(x.numel())))
 
 
 def _pairs(group: torch.Tensor, chosen: torch.Tensor, variant: str) -> torch.Tensor:
@@ -108,9 +115,9 @@ def _log_ratio(cols: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return (cols["logprobs"] - cols["old_logprobs"]).clamp(-20.0, 20.0)
 
 
-def _ppo_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _ppo_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> Mean:
     """verl's ``ppo_kl``: the masked mean of lp_old - lp (k1 of the old vs the current policy)."""
-    return masked_mean(-log_ratio.detach(), mask)
+    return mean_of(-log_ratio.detach(), mask)
 
 
 def _policy_term(
@@ -145,14 +152,14 @@ def _policy_term(
     loss = aggregate(per_token, mask, agg, counts)
 
     with torch.no_grad():
-        local = _local_counts(mask, counts.constant)
-        m = {"loss/pg": aggregate(pg, mask, agg, local), **metrics, "entropy/mean": masked_mean(entropy, mask)}
+        c = counts.constant
+        m = {"loss/pg": aggregate_mean(pg, mask, agg, c), **metrics, "entropy/mean": mean_of(entropy, mask)}
         if kl_coef > 0.0:
-            m["loss/kl"] = aggregate(kl_coef * k, mask, agg, local)
+            m["loss/kl"] = aggregate_mean(kl_coef * k, mask, agg, c)
         if entropy_coef > 0.0:
-            m["loss/entropy"] = aggregate(-entropy_coef * entropy, mask, agg, local)
+            m["loss/entropy"] = aggregate_mean(-entropy_coef * entropy, mask, agg, c)
         if "ref_logprobs" in cols:
-            m["kl/mean"] = masked_mean(kl_estimate(lp, cols["ref_logprobs"], kl), mask)
+            m["kl/mean"] = mean_of(kl_estimate(lp, cols["ref_logprobs"], kl), mask)
         return LossTerm(loss, _floats(m))
 
 
@@ -203,12 +210,12 @@ def clip_higher(
         pg_dual = pg
     with torch.no_grad():
         m = {
-            "clip_frac": masked_mean((clipped > unclipped).to(lp.dtype), mask),
-            "ratio/mean": masked_mean(ratio, mask),
+            "clip_frac": mean_of((clipped > unclipped).to(lp.dtype), mask),
+            "ratio/mean": mean_of(ratio, mask),
             "ppo_kl": _ppo_kl(log_ratio, mask),
         }
         if dual_clip is not None:
-            m["dual_clip_frac"] = masked_mean((pg_dual < pg).to(lp.dtype), mask)
+            m["dual_clip_frac"] = mean_of((pg_dual < pg).to(lp.dtype), mask)
     return _policy_term(pg_dual, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=m)
 
 
@@ -291,8 +298,8 @@ def gspo(
     pg = torch.maximum(unclipped, clipped)  # [B,T]
     with torch.no_grad():
         metrics = {
-            "clip_frac": masked_mean((clipped > unclipped).to(lp.dtype), mask),
-            "ratio/mean": masked_mean(ratio, mask),
+            "clip_frac": mean_of((clipped > unclipped).to(lp.dtype), mask),
+            "ratio/mean": mean_of(ratio, mask),
             "ppo_kl": _ppo_kl(token_log_ratio.clamp(-20.0, 20.0), mask),
         }
     return _policy_term(pg, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=metrics)
@@ -349,8 +356,8 @@ def cispo(
     pg = -weight * adv * lp  # [B,T]: gradient -r̂ A ∇lp on every valid token
     with torch.no_grad():
         metrics = {
-            "clip_frac": masked_mean(out_of_band.to(lp.dtype), mask),
-            "ratio/mean": masked_mean(ratio, mask),
+            "clip_frac": mean_of(out_of_band.to(lp.dtype), mask),
+            "ratio/mean": mean_of(ratio, mask),
             "ppo_kl": _ppo_kl(log_ratio, mask),
         }
     return _policy_term(pg, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=metrics)
@@ -405,9 +412,9 @@ def sapo(
     with torch.no_grad():
         weight = 4.0 * p * (1.0 - p)  # [B,T] gradient weight relative to the unclipped -A ρ ∇lp
         metrics = {
-            "gate/mean": masked_mean(weight, mask),
-            "gate_frac": masked_mean((weight < 0.5).to(lp.dtype), mask),
-            "ratio/mean": masked_mean(ratio, mask),
+            "gate/mean": mean_of(weight, mask),
+            "gate_frac": mean_of((weight < 0.5).to(lp.dtype), mask),
+            "ratio/mean": mean_of(ratio, mask),
             "ppo_kl": _ppo_kl(log_ratio, mask),
         }
     return _policy_term(pg, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=metrics)
@@ -451,6 +458,24 @@ def pg(
 # --- critic: clipped value loss ------------------------------------------------------
 
 
+class ExplainedVariance(Stat):
+    """1 - Var(Ret - V) / Var(Ret) kept as its sums (n, Σres, Σres², Σret, Σret²), so that it
+    adds up over micro-batches and ranks (``rlflow.dist``); population variances."""
+
+    @staticmethod
+    def compute(n: float, s_res: float, ss_res: float, s_ret: float, ss_ret: float) -> float:
+        n = max(n, 1.0)
+        var_res = ss_res / n - (s_res / n) ** 2
+        var_ret = ss_ret / n - (s_ret / n) ** 2
+        return 1.0 - var_res / (var_ret + 1e-8)
+
+    @staticmethod
+    def of(ret: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> Lazy:
+        m = mask.to(torch.float64)
+        res, r = (ret - v).to(torch.float64) * m, ret.to(torch.float64) * m  # [B,T]
+        return Lazy(ExplainedVariance, (m.sum(), res.sum(), (res * res).sum(), r.sum(), (r * r).sum()))
+
+
 @loss_variant(needs="values", reads={"values": "token", "returns": "token"}, coefficient="(critic) V - Ret")
 def value(
     cols: Mapping[str, torch.Tensor],
@@ -466,8 +491,8 @@ def value(
         loss   = aggregate(ℓ, mask, agg) with the mini-batch counts
 
     No vf_coef: the critic has its own optimizer (verl, OpenRLHF). value/explained_variance
-    is 1 - Var(Ret - V_new) / Var(Ret) over the micro-batch's valid tokens (population
-    variances; 1e-8 keeps a constant Ret finite).
+    is 1 - Var(Ret - V_new) / Var(Ret) over the valid tokens of every micro-batch and rank
+    of the step (population variances; 1e-8 keeps a constant Ret finite).
     """
     v_new = cols["new_values"]  # [B,T] grad
     v_old = cols["values"]  # [B,T]
@@ -480,15 +505,11 @@ def value(
     loss = aggregate(per_token, mask, agg, counts)
 
     with torch.no_grad():
-        local = _local_counts(mask, counts.constant)
-        resid = ret - v_new  # [B,T]
-        var_res = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
-        var_ret = masked_mean((ret - masked_mean(ret, mask)) ** 2, mask)
         metrics = _floats(
             {
-                "loss/value": aggregate(per_token, mask, agg, local),
-                "value/clip_frac": masked_mean((clipped > unclipped).to(v_new.dtype), mask),
-                "value/explained_variance": 1.0 - var_res / (var_ret + 1e-8),
+                "loss/value": aggregate_mean(per_token, mask, agg, counts.constant),
+                "value/clip_frac": mean_of((clipped > unclipped).to(v_new.dtype), mask),
+                "value/explained_variance": ExplainedVariance.of(ret, v_new, mask),
             }
         )
     return LossTerm(loss, metrics)
@@ -532,8 +553,7 @@ def nll(
     lp = cols["logprobs"]  # [B,T] grad
     loss = -aggregate(lp, mask, agg, counts)
     with torch.no_grad():
-        local = _local_counts(mask, counts.constant)
-        metrics = _floats({"loss/nll": -aggregate(lp, mask, agg, local)})
+        metrics = _floats({"loss/nll": aggregate_mean(-lp, mask, agg, counts.constant)})
     return LossTerm(loss, metrics)
 
 
@@ -582,11 +602,11 @@ def dpo(
     with torch.no_grad():
         metrics = _floats(
             {
-                "loss/dpo": per_pair.mean(),
-                "dpo/reward_accuracy": (h > 0).to(lp.dtype).mean(),
-                "dpo/margin": (beta * h).mean(),
-                "dpo/chosen_reward": (beta * (lp_w - ref_w)).mean(),
-                "dpo/rejected_reward": (beta * (lp_l - ref_l)).mean(),
+                "loss/dpo": _over_pairs(per_pair),
+                "dpo/reward_accuracy": _over_pairs((h > 0).to(lp.dtype)),
+                "dpo/margin": _over_pairs(beta * h),
+                "dpo/chosen_reward": _over_pairs(beta * (lp_w - ref_w)),
+                "dpo/rejected_reward": _over_pairs(beta * (lp_l - ref_l)),
             }
         )
     return LossTerm(loss, metrics)
@@ -617,9 +637,9 @@ def bradley_terry(cols: Mapping[str, torch.Tensor], counts: Counts) -> LossTerm:
     with torch.no_grad():
         metrics = _floats(
             {
-                "loss/rm": per_pair.mean(),
-                "rm/accuracy": (margin > 0).to(s.dtype).mean(),
-                "rm/margin": margin.mean(),
+                "loss/rm": _over_pairs(per_pair),
+                "rm/accuracy": _over_pairs((margin > 0).to(s.dtype)),
+                "rm/margin": _over_pairs(margin),
             }
         )
     return LossTerm(loss, metrics)

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field
 
-from rlflow.dist import all_reduce_sum
+from rlflow.dist import Lazy, Mean, all_reduce_sum
 from rlflow.lazy import torch
 from rlflow.spec import KlEstimator
 
@@ -33,6 +33,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean over the masked entries (local to this process). An empty mask gives 0."""
     m = mask.to(x.dtype)
     return masked_sum(x, m, dim) / m.sum(dim).clamp(min=1.0) if dim is not None else masked_sum(x, m) / m.sum().clamp(min=1.0)
+
+
+def mean_of(x: torch.Tensor, mask: torch.Tensor) -> Lazy:
+    """The masked mean of ``x`` as a metric, ``Mean(Σ m x, Σ m)`` with the sums still scalar
+    tensors (``rlflow.dist``): it adds up exactly over micro-batches and ranks."""
+    m = mask.to(x.dtype)
+    return Lazy(Mean, ((x * m).sum(), m.sum()))
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -96,6 +103,23 @@ def count(mask: torch.Tensor, group: torch.Tensor | None = None, constant: float
     n_groups = float(torch.unique(group).numel()) if group is not None else 0.0
     t = all_reduce_sum(torch.tensor([m.sum().item(), (m.sum(-1) > 0).sum().item(), float(m.shape[0]), n_groups], dtype=torch.float64))
     return Counts(tokens=t[0].item(), seqs=t[1].item(), rows=t[2].item(), groups=t[3].item(), constant=constant)
+
+
+def aggregate_mean(per_token: torch.Tensor, mask: torch.Tensor, mode: AggMode, constant: float = 1.0) -> Lazy:
+    """:func:`aggregate` of this micro-batch alone as a metric, ``Mean(numerator, denominator)``
+    (scalar tensors): added up over the micro-batches (and ranks) of a mini-batch it is the
+    mini-batch's value, so a logged loss does not depend on how the batch was cut."""
+    m = mask.to(per_token.dtype)
+    seqs = (m.sum(-1) > 0).sum().to(per_token.dtype)  # B' of this micro-batch
+    if mode == "token-mean":
+        return Lazy(Mean, ((per_token * m).sum(), m.sum()))
+    if mode == "seq-mean-token-mean":
+        return Lazy(Mean, (((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum(), seqs))
+    if mode == "seq-mean-token-sum":
+        return Lazy(Mean, ((per_token * m).sum(), seqs))
+    if mode == "seq-mean-token-sum-norm":
+        return Lazy(Mean, ((per_token * m).sum(), seqs * constant))
+    raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: AggMode, counts: Counts) -> torch.Tensor:

@@ -17,8 +17,9 @@ multiplied by ``overlong_penalty`` and added to R.
 
 from __future__ import annotations
 
+from rlflow.dist import Mean
 from rlflow.lazy import torch
-from rlflow.node import Context, NodeRunner, runner
+from rlflow.node import Context, ModelRunner, runner
 from rlflow.rules import RewardRuleError, RulePool, score_in_process
 
 __all__ = ["RewardRuleError", "ScoreRunner", "apply_rule", "overlong_penalty"]
@@ -41,10 +42,17 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: f
     return factor * pen.clamp(min=-1.0)
 
 
+def _mean(x: torch.Tensor) -> Mean:
+    """A per-sample metric [B] as (sum, count), so that it adds up over rounds and ranks."""
+    return Mean(float(x.float().sum()), float(x.numel()))
+
+
 @runner("score")
-class ScoreRunner(NodeRunner):
+class ScoreRunner(ModelRunner):
     """Scores in the run's rule pool, ``ctx.rule_pool`` when the engine provides one;
-    otherwise in a pool of its own, started on first use and stopped by ``close()``."""
+    otherwise in a pool of its own, started on first use and stopped by ``close()``. A
+    reward model (``spec.model``, optional) reads the batch on its own device; the rewards
+    are made on the batch's device."""
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -68,33 +76,32 @@ class ScoreRunner(NodeRunner):
 
         s = self.spec
         rows = list(iter_rows(batch, ("prompt", "answer")))
-        total = torch.zeros(len(batch))
+        total = torch.zeros(len(batch), device=batch[mask_col].device)
         for name, rule in s.rules.items():
             scores = self._pool(ctx).score(name, rule.fn, texts, rows, timeout_s=self.spec.rule_timeout_s)
-            part = torch.tensor(scores, dtype=torch.float32)
-            metrics[f"{prefix}/{name}"] = float(part.mean())
+            part = torch.tensor(scores, dtype=torch.float32, device=total.device)
+            metrics[f"{prefix}/{name}"] = _mean(part)
             if parts:
                 batch[f"rewards_{name}"] = part
             total += rule.weight * part
         if s.model is not None:
             from rlflow.forward import sequence_scores
 
-            worker = ctx.workers[s.model]
-            b = batch.to(worker.device)
+            b = self.inputs(batch, ctx)
             with torch.no_grad():
-                rm = sequence_scores(worker.engine, b["prompt_ids"], b["prompt_mask"], b[ids_col], b[mask_col])
-            metrics[f"{prefix}/model"] = float(rm.mean())
+                rm = sequence_scores(self.worker(ctx).engine, b["prompt_ids"], b["prompt_mask"], b[ids_col], b[mask_col])
+            metrics[f"{prefix}/model"] = _mean(rm)
             total += rm.float().to(total.device)
         if s.overlong_buffer:
             pen = overlong_penalty(batch[mask_col].sum(-1), s.max_new_tokens, s.overlong_buffer, s.overlong_penalty)
-            metrics[f"{prefix}/overlong"] = float(pen.mean())
+            metrics[f"{prefix}/overlong"] = _mean(pen)
             total += pen
         return total
 
     def run(self, batch, ctx: Context):
         metrics: dict[str, float] = {}
         batch["rewards"] = self._score(batch, ctx, batch["response"], "response_ids", "response_mask", metrics, "reward", parts=True)
-        metrics["reward/mean"] = float(batch["rewards"].mean())  # every sample scored, before any filter
+        metrics["reward/mean"] = _mean(batch["rewards"])  # every sample scored, before any filter
         if self.spec.score_greedy:
             batch["baseline_rewards"] = self._score(batch, ctx, batch["greedy_response"], "greedy_response_ids",
                                                     "greedy_response_mask", metrics, "baseline_reward")

@@ -6,6 +6,7 @@ response token t (verl slices the critic output ``[-T-1:-1]``). 0 on padding: [B
 
 from __future__ import annotations
 
+from rlflow.dist import Mean
 from rlflow.lazy import no_grad
 from rlflow.node import Context, ModelRunner, runner
 
@@ -20,4 +21,4 @@ class ValueRunner(ModelRunner):
         v = response_values(self.worker(ctx).engine, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
         b["values"] = v
         m = b["response_mask"]
-        return {"values/mean": float((v * m).sum() / m.sum().clamp(min=1))}
+        return {"values/mean": Mean(float((v * m).sum()), float(m.sum()))}

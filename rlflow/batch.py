@@ -96,20 +96,6 @@ class Batch:
             chunks.append((start, end))
         return [self.select(torch.arange(a, b)) for a, b in chunks]
 
-    def chunk(self, parts: int) -> list["Batch"]:
-        """Exactly ``min(parts, groups)`` chunks of whole groups, their group counts
-        differing by at most one (for mini-batches)."""
-        bounds = self._group_bounds()
-        groups = len(bounds)
-        parts = max(1, min(parts, groups))
-        out, start = [], 0
-        for i in range(parts):
-            n = groups // parts + (1 if i < groups % parts else 0)
-            a, b = bounds[start][0], bounds[start + n - 1][1]
-            out.append(self.select(torch.arange(a, b)))
-            start += n
-        return out
-
     def _group_bounds(self) -> list[tuple[int, int]]:
         if "group" not in self.columns:
             return [(i, i + 1) for i in range(len(self))]
@@ -123,11 +109,15 @@ class Batch:
             raise ValueError("rows of a group are not contiguous; sort the batch by group first")
         return bounds
 
-    def shuffle_groups(self, generator: torch.Generator) -> "Batch":
-        """The same rows, whole groups in a random order (rows within a group keep theirs)."""
-        bounds = self._group_bounds()
-        order = torch.randperm(len(bounds), generator=generator).tolist()
-        return self.select([i for o in order for i in range(*bounds[o])])
+    def groups(self) -> list[int]:
+        """The distinct group ids, in the order the rows hold them."""
+        return [int(self.columns["group"][a]) for a, _ in self._group_bounds()] if len(self) else []
+
+    def take_groups(self, ids: Sequence[int]) -> "Batch":
+        """The rows of the groups in ``ids`` that this batch holds, group after group in the
+        order of ``ids`` (a group it does not hold is skipped: another rank holds it)."""
+        where = {int(self.columns["group"][a]): (a, b) for a, b in self._group_bounds()} if len(self) else {}
+        return self.select([i for g in ids if g in where for i in range(*where[g])])
 
     def to(self, device: torch.device | str) -> "Batch":
         """Move every tensor column to ``device``, in place; returns the batch itself."""
@@ -155,6 +145,24 @@ class Batch:
             else:
                 out.columns[k] = [x for v in vals for x in v]
         return out
+
+
+def mini_batch_groups(groups: Sequence[int], parts: int, generator: torch.Generator | None = None) -> list[list[int]]:
+    """``groups`` cut into exactly ``min(parts, len(groups))`` mini-batches of whole groups,
+    their sizes differing by at most one (the first ones larger), after a seeded shuffle of
+    the groups when a ``generator`` is given. Run on the global group ids with a generator
+    that every rank holds alike, it gives every rank the same plan (``Batch.take_groups``
+    then takes each rank's rows of each mini-batch)."""
+    order = list(groups)
+    if generator is not None:
+        order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
+    parts = max(1, min(parts, len(order)))
+    out, start = [], 0
+    for i in range(parts):
+        n = len(order) // parts + (1 if i < len(order) % parts else 0)
+        out.append(order[start:start + n])
+        start += n
+    return out
 
 
 def _cat_padded(tensors: list[torch.Tensor], *, left: bool, fill: int | float) -> torch.Tensor:

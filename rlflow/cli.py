@@ -280,10 +280,16 @@ def cmd_run(args) -> int:
     from rlflow import trackers
 
     _positive("--threads", args.threads)
+    _positive("--nproc", args.nproc)
     _positive("--log-every", args.log_every)
     names = trackers.parse(args.log)
     pipeline, pg = _load_valid(args.file, args.set or [], steps=args.steps, seed=args.seed)
+    if args.nproc and args.nproc > pipeline.data.batch_size:
+        raise UserError("RF111", f"--nproc {args.nproc}: more processes than data.batch_size ({pipeline.data.batch_size}); "
+                                 "the batch size is global and each process needs at least one prompt")
     out = _run_dir(args, pipeline)
+    if args.nproc and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _launch(args, pipeline, out)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlflow import rundir
     from rlflow.view import Fanout, LiveView, render_graph
@@ -308,6 +314,68 @@ def cmd_run(args) -> int:
         observer.close()
         run.close()
     return 0
+
+
+def _launch(args, pipeline, out: Path) -> int:
+    """``rlflow run ... --nproc N``: build what the processes share once (built-in models,
+    DeepSpeed's JIT op), then start N processes of the same command with
+    ``python -m torch.distributed.run`` on this machine, each with its share of the cores."""
+    import socket
+    import subprocess
+
+    _prepare(pipeline, say=None if args.quiet else _console(stderr=True).print)
+    argv, skip = [], False
+    for a in args.argv:  # the same command line without --nproc, with the run directory named
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc"
+            continue
+        argv.append(a)
+    if not args.out and not args.resume:
+        argv += ["--out", str(out)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "rlflow", *argv]
+    return _wait_for(subprocess.Popen(cmd, env=env))
+
+
+def _wait_for(launcher) -> int:
+    """Wait for the launcher and its processes to finish. Ctrl-C reached them too (one
+    process group): they end their step, save a checkpoint and stop, so keep waiting; a
+    SIGTERM sent to this process alone is passed on to the launcher, which passes it on."""
+    import signal
+
+    def forward(signum, frame):
+        launcher.send_signal(signum)
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                return launcher.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _prepare(pipeline, say=None) -> None:
+    """Build the pipeline's built-in models and DeepSpeed's communication op in one process
+    (several processes building them at once would train the model twice or crash the op build)."""
+    import subprocess
+
+    from rlflow.engine import train_pipeline
+    from rlflow.models import resolve
+
+    for spec in pipeline.models.values():
+        resolve(spec.path, train=train_pipeline, on_build=say)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cpu_adam = any(m.train and m.offload and m.zero_stage > 0 for m in pipeline.models.values())
+    subprocess.run([sys.executable, "-c", f"from rlflow.models import build_ops; build_ops(cpu_adam={cpu_adam})"],
+                   env=env, check=True, capture_output=True)
 
 
 def _import_runtime(view, threads: Optional[int]):
@@ -376,18 +444,7 @@ _SET_HELP = "override a parameter: a node (by name), a model (by name), data or 
 _FILE_HELP = "a pipeline file (.py), a run's config.json, or a shipped pipeline's name (rlflow list)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rlflow", description="RLHF post-training pipelines as small declarative graphs.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
-    sub = p.add_subparsers(dest="command", required=True)
-    # --debug after the command too; SUPPRESS keeps the top-level value when it is not given there
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    def command(name: str, text: str):
-        return sub.add_parser(name, help=text, description=text, parents=[common])
-
-    r = command("run", "train a pipeline")
+def _run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("file", help=_FILE_HELP)
     r.add_argument("--steps", type=int, help="iterations (overrides the pipeline's)")
     r.add_argument("--seed", type=int, help="random seed (overrides the pipeline's)")
@@ -402,7 +459,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume-override", action="store_true",
                    help="resume even though the settings differ from the run's config.json")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadiest on a busy machine)")
+    r.add_argument("--nproc", type=int, help="processes on this machine, one per GPU (starts them with torch.distributed.run; "
+                   "data.batch_size stays the global batch)")
     r.set_defaults(fn=cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rlflow", description="RLHF post-training pipelines as small declarative graphs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
+    sub = p.add_subparsers(dest="command", required=True)
+    # --debug after the command too; SUPPRESS keeps the top-level value when it is not given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    def command(name: str, text: str):
+        return sub.add_parser(name, help=text, description=text, parents=[common])
+
+    _run_arguments(command("run", "train a pipeline"))
 
     v = command("validate", "every check that needs no model: the graph, model paths, data files")
     v.add_argument("files", nargs="+", metavar="file", help=_FILE_HELP + "; several at once")
@@ -453,6 +526,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv  # until the command line is parsed
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         debug = args.debug
         _default_accelerator()
         return args.fn(args)

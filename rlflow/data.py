@@ -169,20 +169,32 @@ def make_batch(spec: DataSource, rows: list[dict[str, Any]], tokenizer, first_gr
     return b
 
 
+def share(n: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous share of ``n`` items split over ``world`` ranks: sizes
+    differ by at most one, the first ranks take the larger shares, and the shares in rank
+    order are ``range(n)``."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
 EPOCH_SEED_STRIDE = 1_000_003  # epoch e of seed s is shuffled with seed s * stride + e (a prime: no overlap)
 
 
 class DataStream:
-    """Endless seeded batches of ``spec.batch_size`` rows, epoch after epoch.
+    """Endless seeded batches, epoch after epoch; ``spec.batch_size`` prompts (or pairs) in
+    all, whatever the number of processes.
 
-    With several processes, every rank walks the same shuffled order and takes its own
-    ``batch_size`` rows of each global batch of ``batch_size * world`` (whole prompts, so
-    groups never span ranks); group ids stay globally unique.
+    Every rank walks the same shuffled order and takes its own contiguous share of each
+    global batch (:func:`share`: whole prompts, so a group never spans ranks); group ids are
+    the prompts' global indices, and prompts are padded to the global batch's widest, so a
+    row is the same tensor whichever rank holds it.
     """
 
     def __init__(self, spec: DataSource, tokenizer, *, seed: int, rank: int = 0, world: int = 1):
         self.spec, self.tokenizer, self.seed = spec, tokenizer, seed
         self.rank, self.world = rank, world
+        if spec.batch_size < world:
+            raise DataError(f"data.batch_size is {spec.batch_size} but there are {world} processes: each process "
+                            "needs at least one prompt (the batch size is global)", "RF111")
         rows = load_rows(spec, "train")
         if not rows:
             raise DataError(f"{spec.source}: no rows")
@@ -196,18 +208,21 @@ class DataStream:
         return torch.randperm(len(self.rows), generator=g).tolist()
 
     def next(self) -> Batch:
+        """This rank's share of the next global batch."""
         picked: list[dict] = []
-        per_rank = self.spec.batch_size
-        while len(picked) < per_rank * self.world:
+        while len(picked) < self.spec.batch_size:
             if self.pos >= len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._shuffle()
             picked.append(self.rows[self._order[self.pos]])
             self.pos += 1
-        mine = picked[self.rank * per_rank:(self.rank + 1) * per_rank]
-        batch = make_batch(self.spec, mine, self.tokenizer, first_group=self.groups_served + self.rank * per_rank)
+        whole = make_batch(self.spec, picked, self.tokenizer, first_group=self.groups_served)
         self.groups_served += len(picked)
-        return batch
+        if self.world == 1:
+            return whole
+        mine = share(len(picked), self.rank, self.world)
+        per = len(whole) // len(picked)  # rows per prompt: 1, or 2 for a preference pair
+        return whole.select(torch.arange(mine.start * per, mine.stop * per))
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "groups_served": self.groups_served}

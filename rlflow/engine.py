@@ -30,21 +30,24 @@ from typing import Any, Optional
 import torch
 
 from rlflow import checkpoint, dist, rundir
-from rlflow.batch import Batch
+from rlflow.batch import Batch, mini_batch_groups
 from rlflow.checkpoint import ResumeError  # noqa: F401  (re-exported for the CLI)
-from rlflow.data import DataStream
+from rlflow.data import DataStream, share
 from rlflow.evaluation import Evaluator
 from rlflow.graph import PipelineGraph
 from rlflow.models import Worker, place
 from rlflow.node import RUNNERS, Context
-from rlflow.records import Records, Timings, step_record, tokens, write_json
+from rlflow.records import Records, Timings, batch_stats, step_record, tokens, write_json
 from rlflow.spec import Pipeline
-
-SAMPLER_SEED_STRIDE = 7919  # each rank's sampler is seeded seed + stride * rank
 
 
 class RefillError(RuntimeError):
     """Dynamic sampling ran out of rounds before keeping enough groups."""
+
+
+class PeerFailure(RuntimeError):
+    """Another process failed in a node: every rank stops at the same place (and can write
+    the rescue checkpoint together)."""
 
 
 class NonFiniteUpdates(RuntimeError):
@@ -127,7 +130,8 @@ class Run:
         setup_distributed()
         torch.manual_seed(p.seed)
         random.seed(p.seed)
-        self.generator = torch.Generator().manual_seed(p.seed + SAMPLER_SEED_STRIDE * dist.rank())
+        # the engine's generator shuffles mini-batches: the same on every rank (samples have their own)
+        self.generator = torch.Generator().manual_seed(p.seed)
         if dist.rank() == 0 and self.lock is None:
             self.lock = rundir.lock(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +142,7 @@ class Run:
         self.tokenizer = (self.workers[self.policy] if self.policy else next(iter(self.workers.values()))).tokenizer
         self.data = DataStream(p.data, self.tokenizer, seed=p.seed, rank=dist.rank(), world=dist.world_size())
         self.runners = {n.name: RUNNERS[n.kind](n) for n in p.nodes}
-        self.ctx = Context(workers=self.workers, generator=self.generator, rule_pool=self._rule_pool())
+        self.ctx = Context(workers=self.workers, generator=self.generator, rule_pool=self._rule_pool(), seed=p.seed)
         self.records = Records(self.out_dir, writer=dist.rank() == 0)
         self.evaluator = Evaluator(p, self.workers, self.policy, self.tokenizer)
         self.observer.start(self)
@@ -230,7 +234,7 @@ class Run:
         self.ctx.step = step
         t0 = time.perf_counter()
         rng_before = self._rng_state()
-        self._stepped = False
+        self._stepped = self._agreed = False
         try:
             batch, times, metrics = self.experience()
             # every rank takes the same number of optimizer steps: all update, or none does
@@ -243,10 +247,14 @@ class Run:
             if self._stepped:
                 self.observer.message(f"stopped during the update of step {step}, after optimizer steps; "
                                       "the newest checkpoint is the last one saved")
+            elif dist.world_size() > 1 and not self._agreed:  # the ranks may be anywhere: no collective save
+                self.observer.message(f"stopped during step {step} in this process alone; "
+                                      "the newest checkpoint is the last one saved")
             else:
                 self._rescue(step - 1, rng_before)
             raise
-        return step_record(step, batch, times, metrics, time.perf_counter() - t0), batch
+        stats = dist.reduce_metrics({"seconds": dist.Max(time.perf_counter() - t0), **batch_stats(batch), **times.as_metrics()})
+        return step_record(step, stats, Timings.from_metrics(stats), metrics), batch
 
     # --- stopping: signals and non-finite updates -------------------------------------------
     @contextmanager
@@ -294,7 +302,8 @@ class Run:
         return [self.runners[n.name] for n in self.graph.experience_order()]
 
     def experience(self) -> tuple[Batch, Timings, dict[str, float]]:
-        """One batch through the experience nodes (with the refill rounds of a filter that refills)."""
+        """One batch through the experience nodes (with the refill rounds of a filter that
+        refills); the metrics of every rank, combined."""
         order = self._experience_runners()
         times, metrics = Timings(), {}
         refilling = [r for r in order if hasattr(r, "refill") and r.refill(self.pipeline.data.batch_size)]
@@ -302,9 +311,9 @@ class Run:
             batch = self.data.next()
             for r in order:
                 batch = self._run_node(r, batch, times, metrics)
-                if not len(batch):  # a filter kept nothing: nothing more to compute this step
+                if dist.all_reduce_max(len(batch)) == 0:  # filters kept nothing on any rank
                     break
-            return batch, times, metrics
+            return batch, times, dist.reduce_metrics(metrics)
         f = refilling[0]
         upstream = self.graph.upstream(f.spec.name)
         head = [r for r in order if r.spec.name in upstream]
@@ -312,15 +321,15 @@ class Run:
         batch = self._refill(f, head, times, metrics)
         for r in tail:
             batch = self._run_node(r, batch, times, metrics)
-        return batch, times, metrics
+        return batch, times, dist.reduce_metrics(metrics)
 
-    def _refill(self, f, head: list, times: Timings, metrics: dict[str, float]) -> Batch:
-        """Fresh prompts through ``head`` and the filter ``f`` until it has kept its target."""
+    def _refill(self, f, head: list, times: Timings, metrics: dict) -> Batch:
+        """Fresh prompts through ``head`` and the filter ``f`` until it has kept its target
+        (groups counted over all ranks, so every rank runs as many rounds); with several
+        processes the kept groups of all ranks are cut to the target and shared out again."""
         plan = f.refill(self.pipeline.data.batch_size)
         kept: list[Batch] = []
         rounds = groups = 0
-        seen = 0.0
-        rewards: dict[str, list[float]] = {}  # reward/mean and each part, per round
         while groups < plan.target_groups:
             if rounds >= plan.max_rounds:
                 if plan.allow_short and groups:
@@ -328,31 +337,49 @@ class Run:
                     self.observer.message(f"step {self.ctx.step}: {f.spec.name} kept {groups} of {plan.target_groups} "
                                           f"groups in {rounds} rounds; training on a short batch (allow_short=True)")
                     break
+                self._agreed = True  # the rounds are counted over all ranks: every rank raises here
                 raise RefillError(f"{f.spec.name}: {groups} of {plan.target_groups} groups kept after {rounds} rounds "
                                   f"(max_rounds={plan.max_rounds}); raise max_rounds, lower target_groups, or set allow_short=True")
             rounds += 1
             batch = self.data.next()
             for r in head + [f]:
-                batch = self._run_node(r, batch, times, metrics)
-            seen += metrics["filter/groups_seen"]
-            for k, v in metrics.items():
-                if k.startswith("reward/"):
-                    rewards.setdefault(k, []).append(v)
+                batch = self._run_node(r, batch, times, metrics)  # reward/*: every sample of every round
             kept.append(batch)
-            groups += int(torch.unique(batch["group"]).numel()) if len(batch) else 0
-        metrics.update({"filter/rounds": float(rounds), "filter/groups_seen": seen, "filter/groups_kept": float(groups),
-                        "filter/keep_frac": groups / max(seen, 1.0)})
-        # every sample scored, over every round (rounds have equal sizes): the mean and each part alike
-        metrics.update({k: sum(v) / len(v) for k, v in rewards.items()})
-        return f.truncate(Batch.cat(kept), plan.target_groups)
+            groups += int(dist.all_reduce_sum(torch.tensor(len(batch.groups()))))
+        metrics.update({"filter/rounds": float(rounds), "filter/groups_kept": float(groups)})
+        batch = Batch.cat(kept) if any(len(b) for b in kept) else kept[-1]
+        if dist.world_size() == 1:
+            return f.truncate(batch, plan.target_groups)
+        every = f.truncate(self._every_rank(batch), plan.target_groups)  # the groups one process would keep
+        ids = every.groups()
+        mine = share(len(ids), dist.rank(), dist.world_size())
+        return every.take_groups(ids[mine.start:mine.stop])  # shared out again: no rank is left without rows
 
-    def _run_node(self, r, batch: Batch, times: Timings, metrics: dict[str, float]) -> Batch:
+    @staticmethod
+    def _every_rank(batch: Batch) -> Batch:
+        """The rows of every rank (on the CPU), groups in global order: group ids are global
+        and grow with the data order."""
+        cpu = Batch({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.columns.items()}, meta=batch.meta)
+        parts = dist.gathered(cpu)
+        whole = Batch.cat(parts) if any(len(b) for b in parts) else cpu
+        return whole.take_groups(sorted(whole.groups()))
+
+    def _run_node(self, r, batch: Batch, times: Timings, metrics: dict) -> Batch:
         t0 = time.perf_counter()
-        out = r.run(batch, self.ctx)
+        failed: Optional[Exception] = None
+        try:
+            out = r.run(batch, self.ctx)
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            failed = e
+        culprit = dist.all_reduce_max(dist.rank() + 1 if failed else 0)  # ranks agree a node failed
+        if culprit:
+            self._agreed = True  # every rank raises here: they can save the rescue checkpoint together
+            raise failed or PeerFailure(f"process {culprit - 1} failed in node {r.spec.name!r} at step {self.ctx.step}")
         batch, m = out if isinstance(out, tuple) else (batch, out)  # a node may replace the batch
         n_tokens = tokens(batch) if r.spec.model_refs() else 0  # tokens a model read
         times.add(r.spec.name, time.perf_counter() - t0, len(batch), n_tokens)
-        metrics.update(m or {})
+        for k, v in (m or {}).items():  # a node run again (refill rounds) adds to its Means and Sums
+            metrics[k] = dist.combine([metrics[k], v]) if k in metrics and dist.adds_up(v) else v
         return batch
 
     # --- update ------------------------------------------------------------------------------
@@ -365,56 +392,77 @@ class Run:
         return by_model
 
     def update(self, batch: Batch, times: Optional[Timings] = None) -> dict[str, float]:
-        """``ppo_epochs`` x mini-batches; one optimizer step per mini-batch and trained model."""
+        """``ppo_epochs`` x mini-batches; one optimizer step per mini-batch and trained model.
+
+        The mini-batches are planned over the groups of all ranks with the engine's generator
+        (the same on every rank), so they are those one process would make; each rank trains
+        on its own rows of each (possibly none: it then takes part with an idle pass)."""
         p, times = self.pipeline, times if times is not None else Timings()
         by_model = self._loss_runners()
         if not by_model:
             return {}
-        sums: dict[str, list[float]] = {}
-        # as many mini-batches as asked, but never more than any rank has groups (equal step counts)
-        n_groups = int(torch.unique(batch["group"]).numel()) if "group" in batch else len(batch)
-        parts = dist.all_reduce_min(min(p.mini_batches, n_groups))
+        sums: dict[str, list] = {}
+        groups = sorted(g for ids in dist.gathered(batch.groups()) for g in ids)
+        shuffle = p.mini_batches > 1 or p.ppo_epochs > 1
+        self._idle = batch.select([0])  # a row for the idle passes of a rank without rows in a mini-batch
         for _ in range(p.ppo_epochs):
-            shuffled = batch.shuffle_groups(self.generator) if (p.mini_batches > 1 or p.ppo_epochs > 1) else batch
-            for mini in shuffled.chunk(parts):
+            for ids in mini_batch_groups(groups, p.mini_batches, self.generator if shuffle else None):
+                mini = batch.take_groups(ids)
                 for model, runners in by_model.items():
                     t0 = time.perf_counter()
                     for k, v in self._train_model(self.workers[model], runners, mini).items():
                         sums.setdefault(k, []).append(v)
                     times.add("+".join(r.spec.name for r in runners), time.perf_counter() - t0, len(mini), tokens(mini))
-        out = {k: sum(v) / len(v) for k, v in sums.items()}
+        out = {k: dist.combine(v) for k, v in sums.items()}
         out.update({f"lr/{model}": self.workers[model].lr() for model in by_model})
-        return out
+        return dist.reduce_metrics(out)
 
-    def _train_model(self, worker: Worker, runners: list, mini: Batch) -> dict[str, float]:
+    def _train_model(self, worker: Worker, runners: list, mini: Batch) -> dict:
         """One optimizer step of ``worker`` on a mini-batch: gradients accumulated over its
-        micro-batches; each term's denominators are the whole mini-batch's. A non-finite loss
-        on any rank (or a non-finite gradient norm) skips the step on every rank."""
+        micro-batches; each term's denominators are the whole mini-batch's (all ranks). Every
+        rank makes as many forward/backward passes (DeepSpeed's gradient reductions are
+        collective): one with fewer micro-batches adds idle passes whose loss is 0. A
+        non-finite loss on any rank (or a non-finite gradient norm) skips the step on every rank."""
         counts = [r.counts(mini) for r in runners]
         needs = {r.needs for r in runners}
-        micros = mini.split(worker.spec.micro_batch_size or len(mini))
-        metrics: dict[str, list[float]] = {}
+        micros = mini.split(worker.spec.micro_batch_size or len(mini)) if len(mini) else []
+        passes = dist.all_reduce_max(len(micros))
+        metrics: dict[str, list] = {}
         bad = False
-        for i, micro in enumerate(micros):
-            micro = runners[0].inputs(micro, self.ctx)
-            cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs)}
-            total = 0.0
-            for r, c in zip(runners, counts):
-                term = r.term(cols, c)
-                total = total + term.loss
-                for k, v in term.metrics.items():
-                    metrics.setdefault(k, []).append(v)
+        for i in range(passes):
+            if i < len(micros):
+                total = self._micro_loss(worker, runners, counts, needs, micros[i], metrics)
+            else:
+                total = self._idle_loss(worker, runners[0], needs)
             finite = bool(torch.isfinite(total.detach()).all())
             bad = bad or not finite
             # DeepSpeed averages gradients over ranks; the loss is already a global mean
-            worker.backward((total if finite else worker.zero_loss()) * dist.world_size(), last=i == len(micros) - 1)
+            worker.backward((total if finite else worker.zero_loss()) * dist.world_size(), last=i == passes - 1)
         norm, skipped = worker.step(skip=dist.all_reduce_max(int(bad)) > 0)
         self._stepped = self._stepped or not skipped
-        out = {k: sum(v) / len(v) for k, v in metrics.items()}
+        out = {k: dist.combine(v) for k, v in metrics.items()}
         out[f"update/nonfinite_skipped/{worker.name}"] = float(skipped)
         if norm is not None:
             out[f"grad_norm/{worker.name}"] = norm
         return out
+
+    def _micro_loss(self, worker: Worker, runners: list, counts: list, needs: set, micro: Batch, metrics: dict):
+        """The summed terms of ``runners`` on one micro-batch (one forward); their metrics go to ``metrics``."""
+        micro = runners[0].inputs(micro, self.ctx)
+        cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs)}
+        total = 0.0
+        for r, c in zip(runners, counts):
+            term = r.term(cols, c)
+            total = total + term.loss
+            for k, v in term.metrics.items():
+                metrics.setdefault(k, []).append(v)
+        return total
+
+    def _idle_loss(self, worker: Worker, runner, needs: set):
+        """A loss of exactly 0 from a real forward (of one row of this step's batch): its
+        backward reaches every parameter the forward used, as on the ranks with rows."""
+        row = runner.inputs(self._idle, self.ctx)
+        return sum((out.float() * 0.0).sum() for out in runner.outputs(worker, row, needs).values())
 
     # --- evaluation, checkpoints -----------------------------------------------------------------
     def evaluate(self, step: int) -> dict[str, float]:
@@ -428,8 +476,9 @@ class Run:
     def _rescue(self, step: int, rng: dict[str, Any]) -> None:
         """After a failure before the update of step ``step + 1``: the models are exactly
         as step ``step`` left them, so write that checkpoint (with the random and data
-        state of that moment) and say how to continue. Single process only."""
-        if step < 1 or step == self.start_step or dist.world_size() > 1:
+        state of that moment) and say how to continue. With several processes every rank is
+        here together (a node's failure is agreed, :meth:`_run_node`) and writes its part."""
+        if step < 1 or step == self.start_step:
             return
         try:
             path = self.checkpoint(step, rng)

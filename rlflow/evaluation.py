@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from rlflow.builtin import eval_rule
+from rlflow.dist import world_size
 from rlflow.lazy import no_grad
 from rlflow.spec import Pairs, Pipeline
 
@@ -59,7 +60,8 @@ class Evaluator:
         answer = getattr(spec, "answer_field", "answer")
         return greedy_accuracy(worker.module, worker.tokenizer, [prompt_text(spec, r, worker.tokenizer) for r in rows],
                                [str(r[answer]) for r in rows], self.rule, max_new_tokens=max_new,
-                               add_special_tokens=not is_chat(spec, rows))
+                               add_special_tokens=not is_chat(spec, rows), device=worker.device,
+                               synced=world_size() > 1)  # every rank evaluates the same rows
 
     @no_grad
     def _pair_accuracy(self, spec, rows: list[dict]) -> dict[str, float]:

@@ -163,12 +163,67 @@ def _forward_last(model, ids, attention, positions, **kw):
     return _cache_from(out), out.logits[:, -1, :].float()
 
 
-def _draw(scaled: torch.Tensor, greedy: bool, top_k: int, top_p: float, generator) -> torch.Tensor:
-    """The next token of each row from temperature-scaled logits [B, V]: argmax, or a draw."""
+def _draw(scaled: torch.Tensor, greedy: bool, top_k: int, top_p: float, generator, generators) -> torch.Tensor:
+    """The next token of each row from temperature-scaled logits [B, V]: argmax, or a draw
+    (from ``generators``, one per row, when given; else from ``generator``)."""
     if greedy:
         return scaled.argmax(dim=-1)
     probs = _filter_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if generators is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return _inverse_cdf(probs, _uniforms(generators, probs.device))
+
+
+def _uniforms(generators: list, device) -> torch.Tensor:
+    """One U[0, 1) draw per row [B] (float64), each from its row's generator; consecutive rows
+    that share a generator (a prompt's samples) take consecutive draws of it."""
+    draws, start = [], 0
+    while start < len(generators):
+        end = start
+        while end < len(generators) and generators[end] is generators[start]:
+            end += 1
+        draws.append(torch.rand(end - start, generator=generators[start], device=device, dtype=torch.float64))
+        start = end
+    return torch.cat(draws)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token of each row [B] whose cumulative probability first exceeds ``u`` [B] times
+    the row's total (a token of probability 0 is never drawn)."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)  # [B, V]
+    x = (u * cdf[:, -1]).unsqueeze(1)  # [B, 1]
+    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+MASK64 = (1 << 64) - 1
+
+
+def sample_seed(seed: int, step: int, prompt: int) -> int:
+    """A 64-bit seed for the samples of global prompt ``prompt`` at ``step`` of a run seeded
+    ``seed`` (SplitMix64 over the three): which process samples the prompt does not matter."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + prompt * 0x94D049BB133111EB + 1) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def prompt_generators(seed: int, step: int, group: torch.Tensor) -> list:
+    """One generator per row, on ``group``'s device, seeded by (seed, step, the row's global
+    prompt index ``group``); rows of one prompt share the same generator object."""
+    made: dict[int, torch.Generator] = {}
+    for g in group.tolist():
+        if g not in made:
+            made[g] = torch.Generator(device=group.device).manual_seed(sample_seed(seed, step, g))
+    return [made[g] for g in group.tolist()]
+
+
+def _all_done(done: torch.Tensor, synced: bool) -> bool:
+    """Whether every row is done: this rank's, or (``synced``) every rank's."""
+    if not synced:
+        return bool(done.all())
+    from rlflow.dist import all_reduce_min
+
+    return all_reduce_min(int(bool(done.all()))) == 1
 
 
 @dataclass
@@ -192,7 +247,7 @@ class Sampled:
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, greedy: bool = False, eos_token_id: int, pad_token_id: int,
-           generator: torch.Generator | None = None) -> Sampled:
+           generator: torch.Generator | None = None, generators: list | None = None, synced: bool = False) -> Sampled:
     """Batched autoregressive sampling with a KV cache.
 
     One prefill forward over the left-padded prompts, then one forward of ``[B, 1]`` per
@@ -203,22 +258,22 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
 
     ``greedy=True`` takes the argmax and reports log-probs at temperature 1 (``temperature``,
     ``top_k`` and ``top_p`` are ignored). Otherwise the token is drawn from
-    ``softmax(filter(logits / temperature))`` with ``torch.multinomial(..., generator=generator)``:
-    every random draw comes from ``generator`` (the global RNG when it is None), so a seeded
-    generator gives identical samples. ``top_k=0`` and ``top_p=1`` disable those filters.
-
+    ``softmax(filter(logits / temperature))``: by ``torch.multinomial`` from ``generator``
+    (the global RNG when None), or, given ``generators`` (one per row, see
+    :func:`prompt_generators`), by inverse CDF from the row's own generator, so that a row's
+    tokens do not depend on the other rows. ``top_k=0`` and ``top_p=1`` disable those filters.
+    ``synced=True`` (several processes) runs the loop until every rank's rows are done: every
+    rank makes as many forwards (collective under ZeRO-3) and gets the same width ``T``.
     Inputs must already be on the model's device. Runs under ``torch.no_grad``.
     """
     _check_sampling(max_new_tokens, greedy, temperature, top_p, top_k)
     _check_left_padded(prompt_mask)
-
     params = _forward_params(model)
     cache_kw = "cache" if "cache" in params else "past_key_values"
     prefill_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     scale = 1.0 if greedy else float(temperature)
 
-    batch = prompt_ids.shape[0]
-    device = prompt_ids.device
+    batch, device = prompt_ids.shape[0], prompt_ids.device
     attention = prompt_mask.long()  # [B, P], grows by one column per step
     first_position = attention.sum(dim=1)  # [B] position id of response token 0
 
@@ -229,7 +284,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     ids_steps, lp_steps, mask_steps = [], [], []
     for step in range(max_new_tokens):
         scaled = logits / scale  # [B, V]
-        token = _draw(scaled, greedy, top_k, top_p, generator)  # [B]
+        token = _draw(scaled, greedy, top_k, top_p, generator, generators)  # [B]
         live = ~done  # rows still generating: this token is theirs (EOS included)
         token = torch.where(live, token, pad)
         lp = torch.where(live, _token_logprob(scaled, token), 0.0)  # full-vocab log-prob
@@ -237,7 +292,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
         lp_steps.append(lp)
         mask_steps.append(live)
         done = done | (live & (token == eos_token_id))
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or _all_done(done, synced):
             break
         attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
         cache, logits = _forward_last(model, token.unsqueeze(1), attention, (first_position + step).unsqueeze(1),
@@ -386,13 +441,16 @@ def greedy_accuracy(
     max_new_tokens: int,
     batch_size: int = 256,
     add_special_tokens: bool = True,
+    device: torch.device | None = None,
+    synced: bool = False,
 ) -> float:
     """Fraction of prompts whose greedy response scores ``> 0.5`` under ``rule``.
 
     ``rule(response_text, {"answer": answer, "prompt": prompt})`` is called once per
     prompt on the response decoded with ``skip_special_tokens=True``. Prompts go through
     :func:`encode_prompts` and :func:`sample` (greedy) in chunks of ``batch_size``, on the
-    device of the model's parameters, in whatever train/eval mode the model is in.
+    model's ``device`` (default: that of its parameters), in whatever train/eval mode the
+    model is in; ``synced`` as in :func:`sample` (every rank evaluating the same prompts).
     """
     prompts, answers = list(prompts), list(answers)
     if len(prompts) != len(answers):
@@ -403,7 +461,7 @@ def greedy_accuracy(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id; greedy decoding cannot stop")
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     hits = 0
     for start in range(0, len(prompts), batch_size):
         chunk_prompts = prompts[start : start + batch_size]
@@ -417,6 +475,7 @@ def greedy_accuracy(
             greedy=True,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            synced=synced,
         )
         texts = decode(tokenizer, out.response_ids, out.response_mask)
         for text, answer, prompt in zip(texts, chunk_answers, chunk_prompts):

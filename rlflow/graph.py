@@ -255,7 +255,8 @@ def _check_kinds(pipeline: Pipeline, pg: PipelineGraph) -> None:
 
 
 def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
-    """Settings that would be silently ignored: optimizer offload without ZeRO, more
+    """Settings that would be silently ignored: optimizer offload without ZeRO, parameter
+    offload without ZeRO-3, more
     mini-batches than groups, a phase that trains a frozen model, a second held-out split."""
     add = pg.problems.append
     bases = pipeline.shared_bases()
@@ -267,6 +268,9 @@ def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
             add(Problem("RF015", name, "lora", "a frozen model would get a fresh LoRA adapter, which changes nothing, and "
                         "it is no trained LoRA model's base (same path, head and precision)", "lora=None", "lora=LoRA(...)",
                         "declare the reference as actor.frozen() of the LoRA actor, or drop lora"))
+        if m.offload_params and m.zero_stage != 3:
+            add(Problem("RF015", name, "offload_params", "offload_params keeps the parameters' shards on the CPU, "
+                        "which needs ZeRO stage 3", "zero_stage=3", f"zero_stage={m.zero_stage}"))
     groups = max([pipeline.data.batch_size] + [getattr(n, "target_groups", None) or 0 for n in pipeline.nodes])
     if pipeline.mini_batches > groups:
         add(Problem("RF015", "pipeline", "mini_batches", f"{pipeline.mini_batches} mini-batches of whole groups, but a batch "

@@ -1,10 +1,13 @@
 """Model workers: load a model by name, place it with DeepSpeed, run its forwards.
 
 Every model goes through DeepSpeed: trainable ones through ``deepspeed.initialize``
-with an AdamW optimizer (ZeRO stage, precision, offload and gradient clipping from the
-``Model`` spec), frozen ones through ``deepspeed.init_inference``. On a machine with no
-GPU DeepSpeed's CPU accelerator and the gloo backend are used; a single process gets its
-rank/world environment set here so that DeepSpeed does not look for MPI.
+with an AdamW optimizer (ZeRO stage, precision, offload of the optimizer state and of the
+parameters, gradient checkpointing and gradient clipping from the ``Model`` spec); frozen
+ones under ZeRO-3 through ``deepspeed.initialize`` without an optimizer (sharded over the
+ranks, as trainers place reference and reward models), other frozen ones through
+``deepspeed.init_inference`` (a whole copy per rank). On a machine with no GPU DeepSpeed's
+CPU accelerator and the gloo backend are used; a single process gets its rank/world
+environment set here so that DeepSpeed does not look for MPI.
 
 ``Model.path`` is a Hugging Face id, a local directory, or a ``builtin:`` name (a
 provider's model, built and cached on first use: ``rlflow.builtin``). All three go
@@ -62,6 +65,8 @@ def resolve(path: str, *, train: Optional[Train] = None, on_build: Optional[Call
     if problem:
         raise ModelLoadError(problem)
     if path.startswith(builtin.PREFIX):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not builtin.model_dir(path).exists():
+            _build_alone(path)  # a build is a training run of its own: not inside this process group
         try:
             return str(builtin.ensure_builtin(path, train=train, on_build=on_build))
         except builtin.CacheError as e:
@@ -74,6 +79,21 @@ def resolve(path: str, *, train: Optional[Train] = None, on_build: Optional[Call
                              f"download it where there is a network (hf download {path}), give a local directory, "
                              "or set RLFLOW_ONLINE=1 to try the hub anyway")
     return path
+
+
+def _build_alone(path: str) -> None:
+    """Build built-in model ``path`` in a single-process child (every rank may ask; the cache's
+    lock lets one build and the others wait for it)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                          "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK")}
+    code = ("import sys; from rlflow.builtin import ensure_builtin; from rlflow.engine import train_pipeline; "
+            "ensure_builtin(sys.argv[1], train=train_pipeline)")
+    done = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ModelLoadError(f"building {path} failed:\n{done.stderr[-2000:]}")
 
 
 _OFFLINE: Optional[bool] = None
@@ -285,10 +305,11 @@ class Worker:
 
     name: str
     spec: Model
-    engine: Any  # DeepSpeedEngine (trainable) or InferenceEngine (frozen)
+    engine: Any  # DeepSpeedEngine (trainable, or frozen under ZeRO-3) or InferenceEngine (frozen)
     module: Any  # the Hugging Face module inside the engine
     tokenizer: Any
     path: str
+    device: Any = None  # where the model computes: every batch it reads is moved here (ModelRunner.inputs)
     base_of: Optional[str] = None  # the LoRA model whose module this is, run with its adapter disabled
 
     @property
@@ -312,12 +333,7 @@ class Worker:
     def base_view(self, name: str, spec: Model) -> "Worker":
         """The worker of ``spec``, a frozen model that is this LoRA model's base: the same
         engine, module and tokenizer, nothing loaded (``forwards`` disables the adapter)."""
-        return Worker(name, spec, self.engine, self.module, self.tokenizer, self.path, base_of=self.name)
-
-    @property
-    def device(self):
-        """Where the model's parameters live: every batch it reads is moved here."""
-        return next(self.module.parameters()).device
+        return Worker(name, spec, self.engine, self.module, self.tokenizer, self.path, self.device, base_of=self.name)
 
     def backward(self, loss, *, last: bool) -> None:
         """Accumulate gradients of one micro-batch; ``last`` marks the mini-batch boundary."""
@@ -416,6 +432,7 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
     ``train`` and ``on_build`` serve a built-in model's first build (see :func:`resolve`)."""
     import deepspeed
     import torch
+    from deepspeed.accelerator import get_accelerator
 
     setup_distributed()
     _quiet_transformers()
@@ -432,34 +449,83 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
         module.config.pad_token_id = tokenizer.pad_token_id
     if spec.train and spec.lora is not None:
         module = with_adapter(module, name, spec)
+    device = torch.device(get_accelerator().current_device_name())
     if not spec.train:
         module.eval()
         module.requires_grad_(False)
-        engine = deepspeed.init_inference(module, dtype=_dtype(spec.precision), replace_with_kernel_inject=False)
-        return Worker(name, spec, engine, engine.module, tokenizer, path)
+        if spec.zero_stage == 3:  # sharded like the trained models, no optimizer (as TRL places a reference)
+            engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config(spec, _hidden(module)))
+            engine.eval()
+        else:
+            engine = deepspeed.init_inference(module, dtype=_dtype(spec.precision), replace_with_kernel_inject=False)
+        return Worker(name, spec, engine, engine.module, tokenizer, path, device)
 
     module.train()
-    trained = [p for p in module.parameters() if p.requires_grad]  # the adapter alone, with LoRA
-    opt = torch.optim.AdamW(trained, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    if spec.gradient_checkpointing:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = _adamw(spec, [p for p in module.parameters() if p.requires_grad])  # the adapter alone, with LoRA
     warm = spec.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config(spec, _hidden(module)))
+    if spec.lora is not None:
+        _checkpoint_trained_only(engine)
+    return Worker(name, spec, engine, engine.module, tokenizer, path, device)
+
+
+def _adamw(spec: Model, params):
+    """AdamW; DeepSpeed's C++ CPU Adam (the same update, ``adamw_mode``) when the optimizer
+    state is offloaded to the CPU, as ZeRO-Offload requires (JIT-built on first use)."""
+    import torch
+
+    if spec.offload and spec.zero_stage > 0:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+
+def build_ops(cpu_adam: bool = False) -> None:
+    """Build DeepSpeed's JIT ops this run needs (the communication op; CPU Adam for offload)
+    once, before several processes would build them at the same time."""
+    setup_distributed()
+    if cpu_adam:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load()
+
+
+def _hidden(module) -> Optional[int]:
+    return getattr(module.config, "hidden_size", None)
+
+
+def ds_config(spec: Model, hidden: Optional[int] = None) -> dict[str, Any]:
+    """The DeepSpeed config of a model: ZeRO stage and offload, precision, gradient clipping.
+
+    With the model's ``hidden`` size, ZeRO's buffers are sized to the model as the Hugging
+    Face Trainer's ``"auto"`` values do (reduce bucket H², prefetch bucket 0.9·H², parameters
+    under 10·H elements kept whole), not DeepSpeed's fixed defaults (a 5e8-element reduce
+    bucket, 2 GB in fp32, and nothing under 1e5 elements sharded)."""
+    zero: dict[str, Any] = {"stage": spec.zero_stage}
+    if hidden and spec.zero_stage >= 2:
+        zero["reduce_bucket_size"] = hidden * hidden
+    if hidden and spec.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden), stage3_param_persistence_threshold=10 * hidden)
+    if spec.train and spec.offload and spec.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if spec.offload_params and spec.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,  # the engine splits micro-batches itself
         "gradient_accumulation_steps": 1,  # and marks the accumulation boundary itself
-        "zero_optimization": {"stage": spec.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": spec.precision == "bf16"},
         "fp16": {"enabled": spec.precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if spec.grad_clip and not _clips_itself(spec):
+    if spec.train and spec.grad_clip and not _clips_itself(spec):
         config["gradient_clipping"] = spec.grad_clip
-    if spec.offload and spec.zero_stage > 0:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
-    if spec.lora is not None:
-        _checkpoint_trained_only(engine)
-    return Worker(name, spec, engine, engine.module, tokenizer, path)
+    return config
 
 
 def _checkpoint_trained_only(engine) -> None:

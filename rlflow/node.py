@@ -20,8 +20,9 @@ class Context:
     """What a node may use while it runs: the placed models, the random generator, the step."""
 
     workers: dict[str, Any]  # model name -> rlflow.models.Worker
-    generator: Any  # torch.Generator owned by the engine (saved in checkpoints)
+    generator: Any  # torch.Generator owned by the engine (saved in checkpoints), the same on every rank
     step: int = 0
+    seed: int = 0  # the run's seed: Generate seeds each prompt's sampler with (seed, step, prompt)
     rule_pool: Any = None  # rlflow.rules.RulePool of the run: reward rules run in its worker processes
 
 

@@ -2,7 +2,9 @@
 
 One record per step: the step's wall seconds, rows, every node's timing (seconds, rows,
 tokens, tokens/s; a node that runs several times a step — refill rounds, mini-batches,
-epochs — adds up), and every metric the nodes returned. Only rank 0 writes files.
+epochs — adds up), and every metric the nodes returned. With several processes every
+figure is global (``rlflow.dist.reduce_metrics``): rows, tokens and means over all ranks,
+seconds of the slowest rank. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from rlflow.dist import Max, Mean, Metric, Sum
 
 SAMPLES_PER_STEP = 4  # rows of each step written to samples.jsonl
 REWARD_WINDOW_MAX = 10  # reward/start and reward/end average at most this many steps ...
@@ -40,19 +44,48 @@ class Timings(dict):
     def add(self, key: str, seconds: float, rows: int, tokens: int) -> None:
         self.setdefault(key, NodeTime()).add(seconds, rows, tokens)
 
+    def as_metrics(self) -> dict[str, Metric]:
+        """Each node's seconds (Max: the slowest rank), rows and tokens (Sum: all ranks)."""
+        out: dict[str, Metric] = {}
+        for k, t in self.items():
+            out.update({f"{k}{_SEP}seconds": Max(t.seconds), f"{k}{_SEP}rows": Sum(t.rows), f"{k}{_SEP}tokens": Sum(t.tokens)})
+        return out
+
+    @classmethod
+    def from_metrics(cls, flat: dict[str, float]) -> "Timings":
+        """The Timings of :meth:`as_metrics` after reduction (keys of other metrics ignored)."""
+        out = cls()
+        for key, v in flat.items():
+            if _SEP in key:
+                node, part = key.split(_SEP)
+                t = out.setdefault(node, NodeTime())
+                setattr(t, part, v if part == "seconds" else int(v))
+        return out
+
+
+_SEP = "\x00"  # node name / field in Timings.as_metrics keys
+
 
 def tokens(batch) -> int:
     """Response tokens in a batch (0 when it has none)."""
     return int(batch["response_mask"].sum().item()) if "response_mask" in batch else 0
 
 
-def step_record(step: int, batch, times: Timings, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
-    """The metrics.jsonl line of one step (lengths are of the rows trained on, after any filter)."""
-    rec: dict[str, Any] = {"step": step, "seconds": round(seconds, 4), "rows": len(batch)}
+def batch_stats(batch) -> dict[str, Metric]:
+    """The rows trained on (after any filter), their mean response length and truncated share."""
+    out: dict[str, Metric] = {"rows": Sum(len(batch))}
     if "response_mask" in batch and len(batch):
-        rec["response_length/mean"] = float(batch["response_mask"].sum(-1).float().mean())
+        out["response_length/mean"] = Mean(float(batch["response_mask"].sum()), float(len(batch)))
     if "truncated" in batch and len(batch):
-        rec["truncated/frac"] = float(batch["truncated"].float().mean())
+        out["truncated/frac"] = Mean(float(batch["truncated"].float().sum()), float(len(batch)))
+    return out
+
+
+def step_record(step: int, stats: dict[str, float], times: Timings, metrics: dict[str, float]) -> dict[str, Any]:
+    """The metrics.jsonl line of one step from global figures: ``stats`` (seconds and the
+    :func:`batch_stats`), the node timings and the nodes' metrics."""
+    rec: dict[str, Any] = {"step": step, "seconds": round(stats["seconds"], 4), "rows": int(stats["rows"])}
+    rec.update({k: v for k, v in stats.items() if k not in rec and _SEP not in k})
     rec.update({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()})
     rec["nodes"] = {k: t.as_dict() for k, t in times.items()}
     return rec

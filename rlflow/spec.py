@@ -136,7 +136,9 @@ class Model(Spec):
     grad_clip: Optional[float] = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    offload: bool = False
+    offload: bool = Field(False, description="the optimizer state on the CPU (ZeRO >= 1)")
+    offload_params: bool = Field(False, description="the parameters on the CPU, fetched for each forward (ZeRO-3)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward instead of keeping them")
     micro_batch_size: Optional[int] = Field(None, ge=1, description="rows per forward/backward; None = whole mini-batch")
     lora: Optional[LoRA] = Field(None, description="train a LoRA adapter instead of every weight (head='lm' only)")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlflow.batch import Batch
+from rlflow.batch import Batch, mini_batch_groups
 
 
 def make(groups, width=3):
@@ -53,15 +53,22 @@ def test_split_never_cuts_a_group():
     assert [len(c) for c in b.split(100)] == [9]
 
 
-def test_chunk_into_mini_batches_of_whole_groups():
+def test_mini_batches_of_whole_groups():
     b = make([0, 0, 1, 1, 2, 2, 3, 3])
-    parts = b.chunk(2)
+    parts = [b.take_groups(ids) for ids in mini_batch_groups(b.groups(), 2)]
     assert [p["group"].tolist() for p in parts] == [[0, 0, 1, 1], [2, 2, 3, 3]]
-    assert len(b.chunk(1)) == 1
+    assert len(mini_batch_groups(b.groups(), 1)) == 1
     # 5 groups in 4 parts: exactly 4 mini-batches (2, 1, 1, 1 groups), so every rank steps alike
-    five = make([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
-    assert [len(set(p["group"].tolist())) for p in five.chunk(4)] == [2, 1, 1, 1]
-    assert len(five.chunk(9)) == 5
+    assert [len(p) for p in mini_batch_groups(range(5), 4)] == [2, 1, 1, 1]
+    assert len(mini_batch_groups(range(5), 9)) == 5
+
+
+def test_take_groups_follows_the_plan_and_skips_groups_held_elsewhere():
+    b = make([4, 4, 5, 6, 6])
+    assert b.groups() == [4, 5, 6]
+    assert b.take_groups([6, 1, 4])["group"].tolist() == [6, 6, 4, 4]  # group 1 is on another rank
+    empty = b.take_groups([1, 2])
+    assert len(empty) == 0 and "group" in empty  # no rows, but every column
 
 
 def test_non_contiguous_groups_are_refused():
@@ -69,12 +76,12 @@ def test_non_contiguous_groups_are_refused():
         make([0, 1, 0]).split(2)
 
 
-def test_shuffle_groups_keeps_groups_whole_and_is_seeded():
+def test_shuffled_plan_keeps_groups_whole_and_is_seeded():
     b = make([0, 0, 1, 1, 2, 2, 3, 3])
-    a1 = b.shuffle_groups(torch.Generator().manual_seed(1))["group"].tolist()
-    a2 = b.shuffle_groups(torch.Generator().manual_seed(1))["group"].tolist()
-    assert a1 == a2
-    assert sorted(a1) == b["group"].tolist()
+    plan1 = mini_batch_groups(b.groups(), 1, torch.Generator().manual_seed(1))
+    plan2 = mini_batch_groups(b.groups(), 1, torch.Generator().manual_seed(1))
+    assert plan1 == plan2 and sorted(plan1[0]) == [0, 1, 2, 3]
+    a1 = b.take_groups(plan1[0])["group"].tolist()
     assert all(a1[i] == a1[i + 1] for i in range(0, 8, 2))
 
 

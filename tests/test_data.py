@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from rlflow.batch import Batch
 from rlflow.builtin import ensure_builtin
 from rlflow.data import DataError, DataStream, load_rows
 from rlflow.models import load_tokenizer
@@ -41,11 +42,23 @@ def test_stream_is_seeded_and_restores_its_position(tmp_path, tok):
     assert b.next()["prompt"] == want
 
 
-def test_ranks_take_disjoint_prompts(tok):
-    r0 = DataStream(Prompts("builtin:arith", batch_size=3), tok, seed=0, rank=0, world=2).next()
-    r1 = DataStream(Prompts("builtin:arith", batch_size=3), tok, seed=0, rank=1, world=2).next()
-    assert not set(r0["prompt"]) & set(r1["prompt"])
-    assert not set(r0["group"].tolist()) & set(r1["group"].tolist())
+def test_ranks_share_the_global_batch(tok):
+    # batch_size is global: the ranks' shares, in rank order, are the one-process batch, row for
+    # row and tensor for tensor (prompts padded to the global batch's width), groups included
+    one = DataStream(Prompts("builtin:arith", batch_size=5), tok, seed=0)
+    ranks = [DataStream(Prompts("builtin:arith", batch_size=5), tok, seed=0, rank=r, world=2) for r in (0, 1)]
+    for _ in range(2):
+        whole, shares = one.next(), [s.next() for s in ranks]
+        assert [len(s) for s in shares] == [2, 3]  # whole prompts, sizes differing by at most one
+        joined = Batch.cat(shares)
+        assert joined["prompt"] == whole["prompt"]
+        for k in ("prompt_ids", "prompt_mask", "group"):
+            assert torch.equal(joined[k], whole[k]), k
+
+
+def test_more_processes_than_prompts_is_refused(tok):
+    with pytest.raises(DataError, match="batch_size is 2 but there are 3 processes"):
+        DataStream(Prompts("builtin:arith", batch_size=2), tok, seed=0, rank=0, world=3)
 
 
 def test_demonstrations_append_eos(tok):

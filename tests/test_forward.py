@@ -18,6 +18,7 @@ from rlflow.forward import (
     encode_prompts,
     greedy_accuracy,
     last_token_hidden_state,
+    prompt_generators,
     response_logprobs,
     response_logprobs_and_entropy,
     sample,
@@ -208,6 +209,33 @@ def test_same_seed_same_samples_different_seed_different():
     a, b, c = _draw(model, 7), _draw(model, 7), _draw(model, 8)
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
     assert a.response_ids.shape != c.response_ids.shape or not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_inverse_cdf_draws_by_probability_and_never_a_zero_probability_token():
+    from rlflow.forward import _inverse_cdf
+
+    probs = torch.tensor([[0.2, 0.0, 0.8]]).expand(6, 3)
+    u = torch.tensor([0.0, 0.1999, 0.2001, 0.5, 0.9999, 1.0 - 1e-12], dtype=torch.float64)
+    assert _inverse_cdf(probs, u).tolist() == [0, 0, 2, 2, 2, 2]
+
+
+def test_a_prompts_samples_do_not_depend_on_the_other_rows():
+    # per-prompt generators (seed, step, global prompt index): prompt 11's samples are the same
+    # drawn alone or in a batch with other prompts (as on another rank), to the last token
+    model = tiny_llama(eos_bias=0.5)
+    prompts = [[2, 5, 6], [2, 7], [2, 9, 10, 11]]
+    group = torch.tensor([10, 10, 11, 11, 12, 12])  # 2 samples of each prompt, ids as the data gives them
+    ids, mask = left_pad([p for p in prompts for _ in range(2)])
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
+    batch = sample(model, ids, mask, generators=prompt_generators(7, 3, group), **kw)
+    alone_ids, alone_mask = left_pad([prompts[1]] * 2)
+    alone = sample(model, alone_ids, alone_mask, generators=prompt_generators(7, 3, group[2:4]), **kw)
+    n = alone.response_ids.shape[1]
+    assert torch.equal(batch.response_ids[2:4, :n], alone.response_ids)
+    assert batch.response_mask[2:4, n:].sum() == 0
+    torch.testing.assert_close(batch.logprobs[2:4, :n], alone.logprobs, atol=1e-6, rtol=0)
+    other_step = sample(model, ids, mask, generators=prompt_generators(7, 4, group), **kw)
+    assert not torch.equal(other_step.response_ids[:, :2], batch.response_ids[:, :2])  # a new step, new draws
 
 
 # ---------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def test_reads_is_exactly_what_the_variant_reads(name, params, expected):
     term = run(name, cols, params)
     assert cols.read - outs == expected
     assert term.loss.dim() == 0 and term.loss.requires_grad
-    assert term.metrics and all(type(x) is float for x in term.metrics.values())
+    assert term.metrics and all(isinstance(x, float) for x in term.metrics.values())  # floats (Stats add up over ranks)
 
 
 def test_masks():
