@@ -239,3 +239,12 @@ def test_no_function_is_longer_than_a_screen(path):
     long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, long
+
+
+def test_no_file_holds_a_merge_conflict_marker():
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    marked = [f for f in files if f.endswith((".py", ".md", ".toml", ".sh", ".txt", "Makefile", "run"))
+              and any(line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in (REPO / f).read_text().splitlines())]
+    assert not marked, marked
