@@ -23,6 +23,10 @@ from rlflow.node import Context, ModelRunner, runner
 class GenerateRunner(ModelRunner):
     @no_grad
     def run(self, batch, ctx: Context):
+        with self.worker(ctx).forwards():  # a LoRA model's shared base samples with its adapter disabled
+            return self._run(batch, ctx)
+
+    def _run(self, batch, ctx: Context):
         from rlflow.dist import Mean, world_size
         from rlflow.forward import decode, prompt_generators, response_logprobs, sample
 

@@ -1,7 +1,9 @@
 """RefLogprob: log-probs of the responses under the frozen reference model.
 
 Taken at the sampling temperature (ALGORITHMS.md Part A §1; the node's ``temperature``,
-resolved from the Generate node when the graph is built), 0 on padding: [B, T].
+resolved from the Generate node when the graph is built), 0 on padding: [B, T]. The
+reference of a LoRA actor (``actor.frozen()``) is the actor's own module with its
+adapter disabled: the base weights, never a second copy.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ class RefLogprobRunner(ModelRunner):
         from rlflow.forward import response_logprobs
 
         b = self.inputs(batch, ctx)
-        b["ref_logprobs"] = response_logprobs(self.worker(ctx).engine, b["prompt_ids"], b["prompt_mask"], b["response_ids"],
-                                              b["response_mask"], temperature=self.spec.temperature or 1.0)
+        worker = self.worker(ctx)
+        with worker.forwards():  # a LoRA actor's shared base: its module with the adapter disabled
+            b["ref_logprobs"] = response_logprobs(worker.engine, b["prompt_ids"], b["prompt_mask"], b["response_ids"],
+                                                  b["response_mask"], temperature=self.spec.temperature or 1.0)
         return {}

@@ -11,6 +11,7 @@ from rlflow.spec import (
     Eval,
     Filter,
     Generate,
+    LoRA,
     Loss,
     Model,
     Pairs,
@@ -30,7 +31,7 @@ from rlflow.spec import (
 import rlflow.nodes  # noqa: E402,F401  (registers every shipped node runner and variant)
 
 __all__ = [
-    "Advantage", "Demonstrations", "Eval", "Filter", "Generate", "Loss", "Model", "Pairs", "Phase", "Pipeline", "Prompts",
+    "Advantage", "Demonstrations", "Eval", "Filter", "Generate", "LoRA", "Loss", "Model", "Pairs", "Phase", "Pipeline", "Prompts",
     "RefLogprob", "Rule", "Score", "Value", "advantage_variant", "filter_variant", "loss_variant", "node_kind",
 ]
 __version__ = "0.1.0"

@@ -6,7 +6,9 @@ Layout of one checkpoint (``<run>/checkpoints/step_N/``)::
     state.rank<R>.safetensors          rank R's random state (torch and sampling generators)
     state.rank<R>.json                 rank R's step and data position
     <model>/model.safetensors, ...     each trainable model, loadable by ``from_pretrained``
-    <model>/deepspeed/state/*.pt       DeepSpeed's model, optimizer and scheduler state
+    <model>/adapter_model.safetensors  ... or, of a LoRA model, its adapter alone (loadable by peft)
+    <model>/deepspeed/state/*.pt       DeepSpeed's model, optimizer and scheduler state (of a
+                                       LoRA model: the adapter's weights and optimizer state only)
 
 A checkpoint is written under ``step_N.tmp`` and renamed to ``step_N`` once every rank
 has written its part and the manifest is complete, so a killed run leaves either the
@@ -274,8 +276,9 @@ def save(out_dir: Path, step: int, workers: dict[str, Any], state: dict[str, Any
     dist.barrier()  # the temporary directory exists
     tmp = final.with_name(final.name + TMP_SUFFIX)
     for name, w in trainable.items():
-        w.save_pretrained(tmp / name)  # rank 0 writes; under ZeRO-3 every rank gathers
-        w.engine.save_checkpoint(str(tmp / name / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)  # every rank its shard
+        w.save_trained(tmp / name)  # rank 0 writes; under ZeRO-3 every rank gathers
+        w.engine.save_checkpoint(str(tmp / name / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,  # every rank its shard
+                                 exclude_frozen_parameters=w.lora)  # LoRA: the base is the model's own path
     _write_state(tmp, dist.rank(), step, state)
     dist.barrier()  # every rank has written
     if commit:
@@ -433,8 +436,32 @@ def load(checkpoint: Path, workers: dict[str, Any]) -> dict[str, Any]:
         if not (checkpoint / name / DEEPSPEED_DIR / DEEPSPEED_TAG).is_dir():
             raise ResumeError(f"{checkpoint} has no state for model {name!r}")
     for name, w in trainable.items():
+        custom = _adapter_loader(checkpoint / name) if w.lora else None
         with weights_only_loads():
-            loaded, _ = w.engine.load_checkpoint(str(checkpoint / name / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+            loaded, _ = w.engine.load_checkpoint(str(checkpoint / name / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                                 custom_load_fn=custom)
         if loaded is None:
             raise ResumeError(f"DeepSpeed could not load {checkpoint / name / DEEPSPEED_DIR}")
     return state
+
+
+def _adapter_loader(where: Path) -> Callable[..., None]:
+    """DeepSpeed's module loading for a LoRA model, whose checkpoint holds the trained
+    (adapter) parameters only: exactly this model's adapter, or ResumeError."""
+
+    def load_adapter(src: dict[str, Any], dst: Any) -> None:
+        # this rank's shapes: under ZeRO-3 a parameter and its saved entry are both empty placeholders
+        # (DeepSpeed restores the partitions from the optimizer state)
+        shapes = {n: tuple(p.shape) for n, p in dst.named_parameters() if p.requires_grad}
+        missing, extra = sorted(set(shapes) - set(src)), sorted(set(src) - set(shapes))
+        if missing or extra:
+            first = (missing or extra)[0]
+            raise ResumeError(f"{where} does not hold this model's adapter: {len(missing)} of its weights missing, "
+                              f"{len(extra)} others (first: {first}); was it written with the same lora settings?")
+        misfit = [k for k, v in src.items() if tuple(v.shape) != shapes[k]]
+        if misfit:  # another rank
+            raise ResumeError(f"{where}: the adapter does not fit this model: {misfit[0]} has shape "
+                              f"{tuple(src[misfit[0]].shape)}, the model's is {shapes[misfit[0]]}")
+        dst.load_state_dict(src, strict=False)  # the frozen base is the model's own, from its path
+
+    return load_adapter

@@ -164,13 +164,19 @@ class Run:
         def train(pipeline: Pipeline, out_dir: Path) -> Path:  # a provider's build, watched by the observer
             return train_pipeline(pipeline, out_dir, self.observer.building(spec.path, pipeline.steps))
 
+        shared = self.pipeline.shared_bases()  # a LoRA model's frozen base: its module, adapter disabled
         for name, spec in self.pipeline.models.items():
+            if name in shared:
+                continue
             t0 = time.perf_counter()
             self.observer.doing(f"placing {name} ({spec.path})")
             self.workers[name] = place(name, spec, on_build=self.observer.message, shared=tokenizers, train=train)
             kind = "trainable" if spec.train else "frozen"
             self.observer.message(f"placed {name} ({spec.path}, {kind}, head={spec.head}, ZeRO-{spec.zero_stage}, "
                                   f"{spec.precision}) in {time.perf_counter() - t0:.1f}s")
+        for name, owner in shared.items():
+            self.workers[name] = self.workers[owner].base_view(name, self.pipeline.models[name])
+            self.observer.message(f"{name} is {owner}'s base (adapter disabled, shared): no second copy")
 
     def _policy_name(self) -> Optional[str]:
         """The model evaluated as the policy: the trained language model (the Generate

@@ -101,7 +101,8 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _forward_params(model) -> set[str]:
     inner = getattr(model, "module", model)  # a DeepSpeed engine passes keywords through to its module
-    return set(inspect.signature(inner.forward).parameters)
+    base = getattr(inner, "get_base_model", None)  # and a peft (LoRA) model to its base model
+    return set(inspect.signature((base() if base else inner).forward).parameters)
 
 
 def _cache_from(output):

@@ -259,6 +259,7 @@ def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
     offload without ZeRO-3, more
     mini-batches than groups, a phase that trains a frozen model, a second held-out split."""
     add = pg.problems.append
+    bases = pipeline.shared_bases()
     for name, m in pipeline.models.items():  # (a frozen model has no optimizer: its optimizer settings are moot)
         if m.offload and m.train and m.zero_stage == 0:
             add(Problem("RF015", name, "offload", "offload moves the optimizer state to the CPU, which needs ZeRO stage >= 1",
@@ -266,6 +267,10 @@ def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
         if m.offload_params and m.zero_stage != 3:
             add(Problem("RF015", name, "offload_params", "offload_params keeps the parameters' shards on the CPU, "
                         "which needs ZeRO stage 3", "zero_stage=3", f"zero_stage={m.zero_stage}"))
+        if m.lora is not None and not m.train and name not in bases:
+            add(Problem("RF015", name, "lora", "a frozen model would get a fresh LoRA adapter, which changes nothing, and "
+                        "it is no trained LoRA model's base (same path, head and precision)", "lora=None", "lora=LoRA(...)",
+                        "declare the reference as actor.frozen() of the LoRA actor, or drop lora"))
     groups = max([pipeline.data.batch_size] + [getattr(n, "target_groups", None) or 0 for n in pipeline.nodes])
     if pipeline.mini_batches > groups:
         add(Problem("RF015", "pipeline", "mini_batches", f"{pipeline.mini_batches} mini-batches of whole groups, but a batch "

@@ -166,8 +166,14 @@ def _override(pipeline: Pipeline, owner: str, param: str, value: Any) -> Pipelin
         _known(f"parameter of data ({type(d).__name__})", param, type(d).model_fields)
         return pipeline.model_copy(update={"data": type(d).model_validate({**d.model_dump(), param: value})})
     if owner in pipeline.models:
-        _known(f"parameter of model {owner!r}", param, Model.model_fields)
-        models = {**pipeline.models, owner: Model.model_validate({**pipeline.models[owner].model_dump(), param: value})}
+        name, _, sub = param.partition(".")  # actor.lora.r=8: a setting of a model's nested spec
+        _known(f"parameter of model {owner!r}", name, Model.model_fields)
+        current = pipeline.models[owner].model_dump()
+        if sub:
+            if name != "lora":  # the one nested spec of a model
+                raise UnknownName(f"parameter of model {owner!r}", param, sorted(Model.model_fields))
+            value = {**(current["lora"] or {}), sub: value}  # a model without lora gets LoRA's defaults
+        models = {**pipeline.models, owner: Model.model_validate({**current, name: value})}
         return pipeline.model_copy(update={"models": models})
     node = pipeline.node(owner)
     _known(f"parameter of node {owner!r}", param, type(node).model_fields)

@@ -28,6 +28,9 @@ from rlflow.registry import UnknownName
 from rlflow.spec import Model
 
 
+ADAPTER_DIR = "adapter"  # final/adapter/: a LoRA model's adapter alone, beside the merged model
+
+
 class ModelLoadError(Exception):
     """A model that cannot be found or loaded (reported without a traceback)."""
 
@@ -243,6 +246,54 @@ def disable_dropout(module) -> None:
             setattr(module.config, key, 0.0)
 
 
+def with_adapter(module, name: str, spec: Model):
+    """``module`` inside a ``peft`` model with a fresh LoRA adapter (``spec.lora``): every
+    base weight frozen, only the adapter's ``A`` and ``B`` matrices trainable."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules,
+                        lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM")
+    try:
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question on every wrap
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(module, config)
+    except ValueError as e:  # target modules not in the model, ...
+        raise ModelLoadError(f"model {name!r}: lora.target_modules={lora.target_modules!r}: "
+                             f"{str(e).splitlines()[0]}") from e
+
+
+def merged_state_dict(module) -> dict[str, Any]:
+    """The weights of a ``peft`` LoRA model with its (one, active) adapter merged in
+    (``W + (alpha/r) B A``, computed by peft's own ``get_delta_weight``), under the base
+    model's own names: what ``from_pretrained`` of the base architecture loads. The module
+    is not changed (peft's ``merge_and_unload`` would merge into it for good)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    base = module.get_base_model()
+    deltas = {f"{n}.base_layer.weight": m.get_delta_weight(a) for n, m in base.named_modules()
+              if isinstance(m, LoraLayer) for a in m.active_adapters if not m.merged}
+    out = {}
+    with torch.no_grad():
+        for key, value in base.state_dict().items():
+            if ".lora_" in key:
+                continue
+            if key in deltas:
+                value = value + deltas[key].to(value.dtype)
+            out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+def _save_adapter(module, directory: Path) -> None:
+    """A peft model's adapter alone: ``adapter_config.json`` and ``adapter_model.safetensors``
+    (peft's template model card, all "More Information Needed", is left out)."""
+    module.save_pretrained(directory, safe_serialization=True)
+    (directory / "README.md").unlink(missing_ok=True)
+
+
 def _clips_itself(spec: Model) -> bool:
     """Whether the worker (not DeepSpeed) clips gradients: plain fp32 ZeRO-0 only."""
     return spec.zero_stage == 0 and spec.precision == "fp32"
@@ -259,10 +310,30 @@ class Worker:
     tokenizer: Any
     path: str
     device: Any = None  # where the model computes: every batch it reads is moved here (ModelRunner.inputs)
+    base_of: Optional[str] = None  # the LoRA model whose module this is, run with its adapter disabled
 
     @property
     def trainable(self) -> bool:
         return self.spec.train
+
+    @property
+    def lora(self) -> bool:
+        """Whether this worker trains a LoRA adapter (its module is a ``peft`` model)."""
+        return self.spec.train and self.spec.lora is not None
+
+    def forwards(self):
+        """The context every forward of this model runs in: for a LoRA model's shared base,
+        the module with its adapter disabled (peft's ``disable_adapter``); else nothing.
+        The adapter is off for the whole context, so the LoRA model itself must not run
+        inside it (the engine runs nodes one at a time)."""
+        import contextlib
+
+        return self.module.disable_adapter() if self.base_of else contextlib.nullcontext()
+
+    def base_view(self, name: str, spec: Model) -> "Worker":
+        """The worker of ``spec``, a frozen model that is this LoRA model's base: the same
+        engine, module, tokenizer and device, nothing loaded (``forwards`` disables the adapter)."""
+        return Worker(name, spec, self.engine, self.module, self.tokenizer, self.path, self.device, base_of=self.name)
 
     def backward(self, loss, *, last: bool) -> None:
         """Accumulate gradients of one micro-batch; ``last`` marks the mini-batch boundary."""
@@ -307,9 +378,12 @@ class Worker:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
     def save_pretrained(self, directory: Path) -> None:
-        """The model (and tokenizer) as a directory ``from_pretrained`` can load."""
+        """The model (and tokenizer) as a directory ``from_pretrained`` can load. A LoRA
+        model is saved merged (base + adapter), and its adapter alone in ``adapter/``."""
         from rlflow import dist
 
+        if self.lora:
+            return self._save_merged(directory)
         state = None
         if self.spec.zero_stage == 3 and self.trainable:  # collective: every rank takes part
             state = self.engine._zero3_consolidated_16bit_state_dict()
@@ -317,6 +391,39 @@ class Worker:
             directory.mkdir(parents=True, exist_ok=True)
             self.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
+
+    def save_trained(self, directory: Path) -> None:
+        """What training changed, for a checkpoint: the whole model (``save_pretrained``),
+        or of a LoRA model the adapter alone (``PeftModel.from_pretrained`` loads it)."""
+        from rlflow import dist
+
+        if not self.lora:
+            return self.save_pretrained(directory)
+        with self._gathered():  # collective under ZeRO-3
+            if dist.rank() == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+                _save_adapter(self.module, directory)
+
+    def _save_merged(self, directory: Path) -> None:
+        from rlflow import dist
+
+        with self._gathered():
+            if dist.rank() == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+                base = self.module.get_base_model()
+                base.save_pretrained(directory, state_dict=merged_state_dict(self.module), safe_serialization=True)
+                self.tokenizer.save_pretrained(directory)
+                _save_adapter(self.module, directory / ADAPTER_DIR)
+
+    def _gathered(self):
+        """Under ZeRO-3, every parameter gathered whole on every rank (read only); else nothing."""
+        import contextlib
+
+        if self.spec.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
 
 def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Optional[Callable[[str], None]] = None,
@@ -340,6 +447,8 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
     disable_dropout(module)
     if spec.head != "lm" and module.config.pad_token_id is None:
         module.config.pad_token_id = tokenizer.pad_token_id
+    if spec.train and spec.lora is not None:
+        module = with_adapter(module, name, spec)
     device = torch.device(get_accelerator().current_device_name())
     if not spec.train:
         module.eval()
@@ -354,10 +463,13 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
     module.train()
     if spec.gradient_checkpointing:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = _adamw(spec, module.parameters())
+    trained = [p for p in module.parameters() if p.requires_grad]  # the adapter alone, with LoRA
+    opt = _adamw(spec, trained)
     warm = spec.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config(spec, _hidden(module)))
+    if spec.lora is not None:
+        _checkpoint_trained_only(engine)
     return Worker(name, spec, engine, engine.module, tokenizer, path, device)
 
 
@@ -415,3 +527,23 @@ def ds_config(spec: Model, hidden: Optional[int] = None) -> dict[str, Any]:
     if spec.train and spec.grad_clip and not _clips_itself(spec):
         config["gradient_clipping"] = spec.grad_clip
     return config
+
+
+def _checkpoint_trained_only(engine) -> None:
+    """Make DeepSpeed's checkpoint of a LoRA model hold its trained (adapter) weights only.
+
+    ``save_checkpoint(exclude_frozen_parameters=True)`` drops frozen parameters by name,
+    one name per tensor, so a tied copy (``lm_head.weight`` = ``embed_tokens.weight``, a
+    vocabulary-sized matrix) stays in every checkpoint; this drops every name whose
+    tensor is not trained."""
+    full = engine.module_state_dict
+
+    def trained_only(*args: Any, exclude_frozen_parameters: bool = False, **kw: Any):
+        state = full(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kw)
+        if exclude_frozen_parameters:
+            trained = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in trained]:
+                del state[key]
+        return state
+
+    engine.module_state_dict = trained_only

@@ -82,11 +82,12 @@ def diff(*configs: dict[str, Any]) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = []
     seen_top: set[str] = set()
     for k in dict.fromkeys(k for f in flats for k in f):
-        owner = next((o for o in top if _inside(k, o)), None)
+        # an object some configs lack, or that is a plain value in others (lora: null)
+        owner = next((o for o in top if k == o or _inside(k, o)), None)
         if owner is not None:
             if owner not in seen_top:
                 seen_top.add(owner)
-                rows.append((owner, [obj.get(owner, ABSENT) for obj in objects]))
+                rows.append((owner, [obj.get(owner, f.get(owner, ABSENT)) for obj, f in zip(objects, flats)]))
             continue
         values = [f.get(k, ABSENT) for f in flats]
         if len(set(values)) > 1:

@@ -95,6 +95,26 @@ class Rule(Spec):
 # --- models and data -----------------------------------------------------------------------
 
 
+class LoRA(Spec):
+    """Low-rank adapters (Hu et al. 2021, arXiv 2106.09685) through ``peft``: each target
+    linear layer computes ``W x + (alpha / r) · B A x`` with ``A [r, in]``, ``B [out, r]``,
+    and ``B = 0`` at the start, so training begins at the base model. Only ``A`` and ``B``
+    train; the base weights stay frozen (and are shared with ``actor.frozen()``)."""
+
+    r: int = Field(16, ge=1, le=1024, description="rank of each adapter")
+    alpha: float = Field(32.0, gt=0, le=4096, description="scale numerator: the update is scaled by alpha / r")
+    target_modules: Union[Literal["all-linear"], list[Annotated[str, Field(min_length=1)]]] = Field(
+        "all-linear", min_length=1, description="names of the linear layers that get an adapter "
+        "(e.g. ['q_proj', 'v_proj']); 'all-linear': every linear layer but the output head")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input, in every forward of the "
+                           "trained model (sampling too); keep 0 for RL, where the ratio needs one deterministic policy")
+
+
+# the Model fields that decide the weights a model computes with; a frozen model that agrees
+# with a LoRA model on these is that model's base (see Model.base_of)
+WEIGHT_FIELDS = ("path", "head", "reward_from", "precision")
+
+
 class Model(Spec):
     """A model: a Hugging Face id, a local directory, or a ``builtin:`` name.
 
@@ -120,19 +140,37 @@ class Model(Spec):
     offload_params: bool = Field(False, description="the parameters on the CPU, fetched for each forward (ZeRO-3)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward instead of keeping them")
     micro_batch_size: Optional[int] = Field(None, ge=1, description="rows per forward/backward; None = whole mini-batch")
+    lora: Optional[LoRA] = Field(None, description="train a LoRA adapter instead of every weight (head='lm' only)")
 
     def __init__(self, path: Optional[str] = None, /, **kw: Any):
         if path is not None:
             kw["path"] = path
         super().__init__(**kw)
 
+    @model_validator(mode="after")
+    def _lora_on_lm(self) -> "Model":
+        if self.lora is not None and self.head != "lm":
+            raise ValueError(f"lora is for language models (head='lm'), not head={self.head!r}: "
+                             "critics and reward models train every weight")
+        return self
+
     def frozen(self) -> "Model":
-        """The same weights as a frozen model (e.g. the reference policy)."""
-        return self.model_copy(update={"train": False})
+        """The same weights as a frozen model (e.g. the reference policy). Of a LoRA model:
+        its base weights (no adapter), which the engine runs as the LoRA model's own module
+        with the adapter disabled (see ``base_of``)."""
+        return self.model_copy(update={"train": False, "lora": None})
 
     def critic(self, **kw: Any) -> "Model":
-        """A trainable critic with a value head on this model's backbone."""
-        return Model(**{**self.model_dump(), "head": "value", "train": True, **kw})
+        """A trainable critic with a value head on this model's backbone (all weights train)."""
+        return Model(**{**self.model_dump(), "head": "value", "train": True, "lora": None, **kw})
+
+    def base_of(self, other: "Model") -> bool:
+        """Whether this frozen model is the base weights of ``other``, a model that trains a
+        LoRA adapter: the same path, head and precision (optimizer and placement settings
+        do not change the weights; ``actor.frozen()`` always qualifies). The engine then
+        places no second copy: this model is ``other``'s module with its adapter disabled."""
+        return (not self.train and other.train and other.lora is not None
+                and all(getattr(self, f) == getattr(other, f) for f in WEIGHT_FIELDS))
 
 
 class DataSource(Spec):
@@ -612,6 +650,16 @@ class Pipeline(Spec):
             if ph.start < step <= ph.start + ph.steps:
                 return model in ph.train
         return True
+
+    def shared_bases(self) -> dict[str, str]:
+        """Frozen model -> the LoRA model whose base it is (``Model.base_of``; the first such
+        model in declaration order): the engine runs each as that model with its adapter disabled."""
+        out = {}
+        for name, m in self.models.items():
+            owner = next((o for o, other in self.models.items() if m.base_of(other)), None)
+            if owner is not None:
+                out[name] = owner
+        return out
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

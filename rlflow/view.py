@@ -101,6 +101,17 @@ def phase_effects(pipeline) -> dict[str, str]:
     return out
 
 
+def model_line(name: str, m, base_of: Optional[str] = None) -> str:
+    """One model of the graph's models section (a LoRA model's adapter goes on a line of
+    its own, below); ``base_of`` names the LoRA model whose module this frozen model
+    shares (its adapter disabled)."""
+    if base_of is not None:
+        return f"{name}: {base_of}'s base (adapter disabled, shared)  {m.path}  head={m.head} frozen"
+    flags = f"trainable lr={m.lr:g}" if m.train else "frozen"
+    head = f"{m.head}({m.reward_from})" if m.head == "reward" else m.head
+    return f"{name}: {m.path}  head={head} {flags} ZeRO-{m.zero_stage} {m.precision}"
+
+
 def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
     """The DAG as a tree of stages: a one-line flow first, then each node (coloured by its
     model) with its kind, key parameters, and the columns on its incoming edges
@@ -111,10 +122,13 @@ def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
                               + (f" — {p.description}" if p.description else "")))
     root.add(Text(flow_line(pg), style="bold"))
     models = root.add(Text("models", style="bold"))
+    shared = p.shared_bases()
     for name, m in p.models.items():
-        flags = "trainable" + (f" lr={m.lr:g}" if m.train else "") if m.train else "frozen"
-        head = f"{m.head}({m.reward_from})" if m.head == "reward" else m.head
-        models.add(Text(f"{name}: {m.path}  head={head} {flags} ZeRO-{m.zero_stage} {m.precision}", style=colors[name]))
+        line = models.add(Text(model_line(name, m, shared.get(name)), style=colors[name]))
+        if m.train and m.lora is not None:
+            targets = m.lora.target_modules
+            line.add(f"LoRA r={m.lora.r} alpha={m.lora.alpha:g} dropout={m.lora.dropout:g} on "
+                     + (targets if isinstance(targets, str) else ", ".join(targets)))
     data = root.add(Text.assemble(("data", "bold"), f" [{p.data.kind}] {p.data.source} batch_size={p.data.batch_size}"))
     data.add(Text("writes " + ", ".join(p.data.writes()), style="dim"))
     stages = pg.stages()

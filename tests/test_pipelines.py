@@ -45,7 +45,7 @@ LEARNING = {
     "grpo": ("eval/accuracy", 25), "dr_grpo": ("eval/accuracy", 15), "dapo": ("eval/accuracy", 15),
     "rloo": ("eval/accuracy", 15), "reinforce_pp": ("eval/accuracy", 15), "remax": ("eval/accuracy", 15),
     "ppo": ("eval/accuracy", 15), "vc_ppo": ("eval/accuracy", 15), "vapo": ("eval/accuracy", 15),
-    "dpo": ("eval/preference_accuracy", 5), "online_dpo": ("eval/accuracy", 15),
+    "dpo": ("eval/preference_accuracy", 5), "online_dpo": ("eval/accuracy", 15), "grpo_lora": ("eval/accuracy", 15),
 }
 
 
