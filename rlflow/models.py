@@ -332,7 +332,7 @@ class Worker:
 
     def base_view(self, name: str, spec: Model) -> "Worker":
         """The worker of ``spec``, a frozen model that is this LoRA model's base: the same
-        engine, module and tokenizer, nothing loaded (``forwards`` disables the adapter)."""
+        engine, module, tokenizer and device, nothing loaded (``forwards`` disables the adapter)."""
         return Worker(name, spec, self.engine, self.module, self.tokenizer, self.path, self.device, base_of=self.name)
 
     def backward(self, loss, *, last: bool) -> None:
@@ -463,7 +463,8 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
     module.train()
     if spec.gradient_checkpointing:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = _adamw(spec, [p for p in module.parameters() if p.requires_grad])  # the adapter alone, with LoRA
+    trained = [p for p in module.parameters() if p.requires_grad]  # the adapter alone, with LoRA
+    opt = _adamw(spec, trained)
     warm = spec.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config(spec, _hidden(module)))
