@@ -294,6 +294,9 @@ def _save_adapter(module, directory: Path) -> None:
     (directory / "README.md").unlink(missing_ok=True)
 
 
+NO_CLIP = 1e30  # a clip that never binds: DeepSpeed then still computes the norm (and skips a non-finite step)
+
+
 def _clips_itself(spec: Model) -> bool:
     """Whether the worker (not DeepSpeed) clips gradients: plain fp32 ZeRO-0 only."""
     return spec.zero_stage == 0 and spec.precision == "fp32"
@@ -372,7 +375,9 @@ class Worker:
         if norm is None:
             reported = self.engine.get_global_grad_norm()
             norm = float(reported) if reported is not None else None
-        return norm, False
+        # DeepSpeed's ZeRO and mixed-precision optimizers skip a step whose norm is not finite
+        # themselves (ds_config makes them compute it) and report that norm
+        return norm, norm is not None and not math.isfinite(norm)
 
     def lr(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])
@@ -524,8 +529,8 @@ def ds_config(spec: Model, hidden: Optional[int] = None) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if spec.train and spec.grad_clip and not _clips_itself(spec):
-        config["gradient_clipping"] = spec.grad_clip
+    if spec.train and not _clips_itself(spec):  # with a clip, DeepSpeed computes the norm and skips a non-finite one
+        config["gradient_clipping"] = spec.grad_clip or NO_CLIP
     return config
 
 

@@ -29,9 +29,12 @@ def poison_loss(run, steps: set[int], how: str = "loss"):
     runner.term = poisoned
 
 
-@pytest.mark.parametrize("how", ["loss", "grad"])
-def test_a_non_finite_update_is_skipped_and_counted(how, tmp_path):
-    run = run_of(grpo(steps=3, mini_batches=1), tmp_path)
+@pytest.mark.parametrize("how,zero", [("loss", 0), ("grad", 0), ("loss", 2), ("grad", 2)],
+                         ids=["loss-zero0", "grad-zero0", "loss-zero2", "grad-zero2"])
+def test_a_non_finite_update_is_skipped_and_counted(how, zero, tmp_path):
+    p = grpo(steps=3, mini_batches=1)
+    models = {k: m.model_copy(update={"zero_stage": zero}) for k, m in p.models.items()}
+    run = run_of(p.model_copy(update={"models": models}), tmp_path)
     poison_loss(run, {2}, how)
     seen = []
     real_step = run.workers["actor"].step
