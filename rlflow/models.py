@@ -466,8 +466,12 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
         return Worker(name, spec, engine, engine.module, tokenizer, path, device)
 
     module.train()
-    if spec.gradient_checkpointing:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.gradient_checkpointing:  # transformers 5 names it activation checkpointing; 4.x gradient checkpointing
+        enable = getattr(module, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = [p for p in module.parameters() if p.requires_grad]  # the adapter alone, with LoRA
     opt = _adamw(spec, trained)
     warm = spec.warmup_steps
