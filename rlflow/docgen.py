@@ -26,7 +26,10 @@ from rlflow.spec import ADVANTAGES, FILTERS, LOSSES, Generate, RefLogprob, Score
 from rlflow.variants import VariantKind
 
 BEGIN, END = "<!-- generated: variants -->", "<!-- end generated -->"
+UNIFIED_BEGIN = "<!-- generated: unified view -->"
 NODES_MD = Path(__file__).resolve().parent.parent / "docs" / "nodes.md"
+ALGORITHMS_MD = NODES_MD.parent / "algorithms.md"
+PIPELINES = NODES_MD.parent.parent / "pipelines"
 PLAIN_KINDS = (Generate, Score, RefLogprob, Value)
 VARIANT_KINDS = (ADVANTAGES, FILTERS, LOSSES)
 NOT_SETTINGS = ("name", "variant")  # every node's name; a variant node's variant is its first argument
@@ -146,7 +149,7 @@ def _variant_table(kind: VariantKind) -> list[str]:
     for v in variants:
         spec = v.spec()
         cells = [f"`{v.name}`", _cell(v.summary), _columns(v.reads(spec)), _columns(v.writes(spec))]
-        cells += [f"`{v.needs}`" if v.needs else "—"] * needs + [_cell(v.coefficient) or "—"] * coef
+        cells += [f"`{v.needs}`" if v.needs else "—"] * needs + [_cell(v.gradient_coefficient()) or "—"] * coef
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -189,15 +192,37 @@ def markdown() -> str:
 # --- docs/nodes.md -------------------------------------------------------------------------------
 
 
-def replace_block(text: str, block: str) -> str:
-    """``text`` with what lies between the markers replaced by ``block``."""
-    start, end = text.find(BEGIN), text.find(END)
+def unified_markdown() -> str:
+    """The unified view of every shipped pipeline (rlflow.unified), read off its nodes, as the
+    markdown between the unified-view markers of docs/algorithms.md."""
+    from rlflow.graph import resolve
+    from rlflow.loader import load_pipeline
+    from rlflow.unified import markdown as table
+
+    files = sorted(f for f in PIPELINES.glob("*.py") if f.name != "__init__.py")
+    rows = [(f"`{f.stem}`", resolve(load_pipeline(f))) for f in files]
+    return ("*Generated from the pipelines' nodes by `rlflow docs --write` (`tests/test_docs.py` fails when it is "
+            "out of date); `rlflow compare A B` opens with the same table.*\n\n" + table(rows))
+
+
+BLOCKS = {BEGIN: markdown, UNIFIED_BEGIN: unified_markdown}  # marker -> what goes after it, up to END
+
+
+def replace_block(text: str, block: str, begin: str = BEGIN) -> str:
+    """``text`` with what lies between ``begin`` and the next end marker replaced by ``block``."""
+    start = text.find(begin)
+    end = text.find(END, start)
     if start < 0 or end < start:
-        raise ValueError(f"no '{BEGIN}' ... '{END}' markers in the page")
-    return text[: start + len(BEGIN)] + "\n" + block + text[end:]
+        raise ValueError(f"no '{begin}' ... '{END}' markers in the page")
+    return text[: start + len(begin)] + "\n" + block + text[end:]
 
 
 def updated(path: Path = NODES_MD) -> tuple[str, str]:
-    """(the page as it is, the page with the tables regenerated)."""
-    text = path.read_text()
-    return text, replace_block(text, markdown())
+    """(the page as it is, the page with every generated block it has regenerated)."""
+    text = new = path.read_text()
+    found = [begin for begin in BLOCKS if begin in text]
+    if not found:
+        raise ValueError(f"no '{BEGIN}' (or '{UNIFIED_BEGIN}') ... '{END}' markers in the page")
+    for begin in found:
+        new = replace_block(new, BLOCKS[begin](), begin)
+    return text, new
