@@ -12,6 +12,7 @@ tests/test_docs.py fail when the page is out of date. No torch import.
 from __future__ import annotations
 
 import json
+import re
 import types
 from collections.abc import Callable as CallableABC
 from pathlib import Path
@@ -205,7 +206,32 @@ def unified_markdown() -> str:
             "out of date); `rlflow compare A B` opens with the same table.*\n\n" + table(rows))
 
 
+def graph_markdown(name: str) -> str:
+    """``rlflow graph pipelines/<name>.py`` as plain text in a code block (docs/algorithms.md)."""
+    import io
+
+    from rich.console import Console
+
+    from rlflow.graph import build
+    from rlflow.loader import load_pipeline
+    from rlflow.view import render_graph
+
+    console = Console(file=io.StringIO(), width=160, record=True, color_system=None)
+    console.print(render_graph(build(load_pipeline(PIPELINES / f"{name}.py"))))
+    text = "\n".join(line.rstrip() for line in console.export_text().splitlines())
+    return f"```\n{text}\n```\n"
+
+
 BLOCKS = {BEGIN: markdown, UNIFIED_BEGIN: unified_markdown}  # marker -> what goes after it, up to END
+GRAPH_BEGIN = re.compile(r"<!-- generated: graph (\w+) -->")  # a pipeline's graph: its file's stem
+
+
+def _blocks(text: str) -> dict[str, Any]:
+    """The generated blocks ``text`` has: marker -> function giving its content."""
+    found = {begin: make for begin, make in BLOCKS.items() if begin in text}
+    for m in GRAPH_BEGIN.finditer(text):
+        found[m.group(0)] = lambda name=m.group(1): graph_markdown(name)
+    return found
 
 
 def replace_block(text: str, block: str, begin: str = BEGIN) -> str:
@@ -220,9 +246,9 @@ def replace_block(text: str, block: str, begin: str = BEGIN) -> str:
 def updated(path: Path = NODES_MD) -> tuple[str, str]:
     """(the page as it is, the page with every generated block it has regenerated)."""
     text = new = path.read_text()
-    found = [begin for begin in BLOCKS if begin in text]
+    found = _blocks(text)
     if not found:
-        raise ValueError(f"no '{BEGIN}' (or '{UNIFIED_BEGIN}') ... '{END}' markers in the page")
-    for begin in found:
-        new = replace_block(new, BLOCKS[begin](), begin)
+        raise ValueError(f"no '{BEGIN}' (or '{UNIFIED_BEGIN}', or a pipeline's graph) ... '{END}' markers in the page")
+    for begin, make in found.items():
+        new = replace_block(new, make(), begin)
     return text, new

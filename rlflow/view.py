@@ -38,7 +38,7 @@ def _shown_keys(node) -> list[str]:
     ``coef``; any other node its fields. ``rlflow graph --all`` shows every field."""
     declared = getattr(node, "declared", None)
     if declared is not None:
-        return list(declared.params) + ["kl", "coef", "mask"]
+        return list(declared.params) + ["kl", "kl_target", "kl_horizon", "coef", "mask"]
     return list(node.params())
 
 
@@ -50,9 +50,11 @@ def node_params(node, everything: bool = False) -> str:
         v = params[k]
         if k in ("variant", "model") or v is None or v is False or (isinstance(v, dict) and not v):
             continue
-        if not everything and ((k == "coef" and v == 1.0) or (k == "kl_coef" and v == 0) or v == "response_mask"
-                               or (k == "kl" and params.get("kl_coef", 1) == 0)):
-            continue  # a KL estimator with no KL penalty is not in effect
+        if not everything and ((k == "coef" and v == 1.0) or (k in ("kl_coef", "entropy_coef") and v == 0) or v == "response_mask"
+                               or (k in ("kl", "kl_target", "kl_horizon") and params.get("kl_coef", 0) == 0)
+                               or (k == "kl_horizon" and params.get("kl_target") is None)
+                               or (k == "overlong_penalty" and params.get("overlong_buffer") is None)):
+            continue  # a KL estimator or schedule with no KL penalty is not in effect
         shown.append(f"{k}={_fmt(v)}")
     return " ".join(shown)
 
