@@ -68,7 +68,7 @@ CODES = {
     "RF014": "node kind without a runner",
     "RF015": "setting that cannot take effect",
     "RF016": "a clip of the ratio that cannot bind (one update per batch)",
-    "RF017": "a KL setting next to a zero KL coefficient",
+    "RF017": "a KL setting that cannot act (a zero KL coefficient, or kl_horizon without kl_target)",
     "RF018": "gae's lam unused beside length_alpha and lambda_critic",
 }
 # Codes that are warnings: the pipeline runs, but a setting in it does nothing.
@@ -323,6 +323,9 @@ def _check_inert(pipeline: Pipeline, pg: PipelineGraph) -> None:
                 add(Problem("RF017", n.name, name, f"{name}={getattr(n, name)!r} has no effect: "
                             + ("kl_coef is 0" if coef is not None else f"{n.label()} has no KL penalty"),
                             "kl_coef > 0", str(coef or 0), severity="warning"))
+        if "kl_horizon" in type(n).model_fields and coef and n.kl_target is None and _is_set(n, "kl_horizon"):
+            add(Problem("RF017", n.name, "kl_horizon", f"kl_horizon={n.kl_horizon} has no effect without kl_target "
+                        "(β stays kl_coef)", "kl_target set", "kl_target=None", severity="warning"))
         if getattr(n, "length_alpha", None) is not None and getattr(n, "lambda_critic", None) is not None and _is_set(n, "lam"):
             add(Problem("RF018", n.name, "lam", f"lam={n.lam:g} has no effect: λ_actor is length-adaptive (length_alpha) "
                         "and λ_critic is lambda_critic", "lam unset", f"lam={n.lam:g}", severity="warning"))

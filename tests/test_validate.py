@@ -165,6 +165,8 @@ def test_a_kl_estimator_or_target_without_a_coefficient_is_a_warning():
     w = warnings_of(shipped("sft", "loss.kl_target=1.0"))
     assert "has no KL penalty" in w["RF017", "loss", "kl_target"].line()
     assert warnings_of(shipped("grpo", "loss.kl_target=1.0", "pipeline.mini_batches=2")) == {}  # β starts at 0.04
+    w = warnings_of(shipped("grpo", "loss.kl_horizon=500", "pipeline.mini_batches=2"))
+    assert list(w) == [("RF017", "loss", "kl_horizon")] and "without kl_target" in w["RF017", "loss", "kl_horizon"].line()
     # the default estimator next to a zero coefficient is not a choice; a config read back is not either
     ppo = shipped("ppo")
     assert warnings_of(ppo) == {} and warnings_of(Pipeline.from_config(ppo.to_config())) == {}
