@@ -4,11 +4,11 @@ GRPO's group-normalised advantages with a different loss: instead of zeroing the
 gradient of a token whose ratio left the clip band (PPO), CISPO clips the importance
 weight itself and detaches it, so every token keeps a REINFORCE gradient weighted by
 sg(min(ρ, 1+ε_high)) (no lower bound). Token-mean over the batch, no KL, no reference
-model. The batch is split into 4 mini-batches so that the ratio leaves 1 and the weight
-clip acts. docs/algorithms.md.
+model. The batch is split into 2 mini-batches so that the ratio leaves 1 and the weight
+clip acts (with 4, as gspo.py, it overshoots here: docs/algorithms.md).
 
     rlflow run pipelines/cispo.py
-    rlflow run pipelines/cispo.py --set loss.eps_high=0.28 --set pipeline.mini_batches=8
+    rlflow run pipelines/cispo.py --set loss.eps_high=0.28 --set pipeline.mini_batches=4
 """
 
 from rlflow import Advantage, Generate, Loss, Model, Pipeline, Prompts, Score
@@ -28,5 +28,5 @@ pipeline = Pipeline(
         Loss("cispo", model="actor", eps_low=None, eps_high=0.2, agg="token-mean"),
     ],
     steps=300,
-    mini_batches=4,  # several updates per batch: the point of CISPO is off-policy tokens keep a gradient
+    mini_batches=2,  # a second, off-policy update per batch: there CISPO's tokens keep a (bounded) gradient
 )
