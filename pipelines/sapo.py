@@ -3,11 +3,11 @@
 GRPO's group-normalised advantages with a soft gate instead of the hard clip: each token's
 gradient is weighted by sech²(τ(ρ-1)/2), 1 on-policy and decaying smoothly as the ratio
 leaves 1, faster for negative advantages (τ_neg = 1.05 > τ_pos = 1.0, the paper's).
-seq-mean-token-mean, no KL, no reference model. The batch is split into 4 mini-batches
-so that the ratio leaves 1 and the gate acts. docs/algorithms.md.
+seq-mean-token-mean, no KL, no reference model. The batch is split into 2 mini-batches
+so that the ratio leaves 1 and the gate acts (with 4 it overshoots here: docs/algorithms.md).
 
     rlflow run pipelines/sapo.py
-    rlflow run pipelines/sapo.py --set loss.tau_neg=2.0 --set pipeline.mini_batches=8
+    rlflow run pipelines/sapo.py --set loss.tau_neg=2.0 --set pipeline.mini_batches=4
 """
 
 from rlflow import Advantage, Generate, Loss, Model, Pipeline, Prompts, Score
@@ -27,5 +27,5 @@ pipeline = Pipeline(
         Loss("sapo", model="actor", tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean"),
     ],
     steps=300,
-    mini_batches=4,  # several updates per batch, so that the gate has a ratio to act on
+    mini_batches=2,  # a second, off-policy update per batch, so that the gate has a ratio to act on
 )
