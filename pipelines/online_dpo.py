@@ -20,10 +20,10 @@ actor = Model("builtin:tiny-arith", train=True, lr=1e-4)
 pipeline = Pipeline(
     name="online_dpo",
     description="two samples of the current policy, the rule picks the preferred one, DPO loss",
-    data=Prompts("builtin:arith", batch_size=32),
+    data=Prompts("builtin:arith", batch_size=64),  # 128 samples a step: a tied pair is noise, more pairs average it
     models={"actor": actor, "ref": actor.frozen()},
     nodes=[
-        Generate("actor", n=2, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0),
+        Generate("actor", n=2, max_new_tokens=MAX_NEW_TOKENS, temperature=0.9),  # TRL's default
         Score(rule=exact_match),
         Filter("pairs", ties="first"),  # ties broken: the first sample is chosen
         RefLogprob("ref"),
