@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT = ["grpo", "grpo_lora", "dr_grpo", "dapo", "rloo", "reinforce_pp", "remax", "ppo", "vc_ppo", "vapo", "dpo", "online_dpo", "reward_model"]
+DEFAULT = ["grpo", "grpo_lora", "dr_grpo", "gspo", "cispo", "sapo", "opo", "gpg", "dapo", "rloo", "reinforce_pp",
+           "reinforce_pp_baseline", "remax", "ppo", "vc_ppo", "vapo", "dpo", "online_dpo", "rft", "online_rft", "reward_model"]
 
 
 def run_one(name: str, seed: int, steps: int | None, sets: list[str], threads: int, out_root: Path) -> dict:

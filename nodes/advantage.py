@@ -18,6 +18,9 @@ Metrics (floats, over every valid token of the batch, all ranks):
     returns/mean, returns/std             critic targets (gae only)
     advantages/lambda_actor_mean          mean per-sequence λ_actor over non-empty rows (gae with length_alpha)
     rewards/kl_penalty                    mean over rows of kl_coef·Σ_t m k (only when kl_coef > 0)
+    kl/mean, kl/beta                      the runner's, when kl_coef > 0: the penalised estimate k(old, ref),
+                                          its token mean per sequence averaged over sequences (the adaptive
+                                          controller's observed KL), and the β this batch used
     advantages/gpg_alpha                  gpg's α = B'/M, non-empty rows over those with a non-zero advantage
 
 Group statistics (group_norm, group_center, rloo, opo, gpg) are taken over the rows of this call:
@@ -35,7 +38,7 @@ from pydantic import Field
 from rlflow.dist import all_reduce_sum
 from rlflow.lazy import no_grad, torch
 from rlflow.node import NodeRunner, runner
-from rlflow.nodes.masked import KlCoef, kl_estimate, masked_whiten
+from rlflow.nodes.masked import KlCoef, KlController, kl_estimate, masked_whiten, sequence_mean_kl
 from rlflow.spec import ADVANTAGES, advantage_variant
 
 Unit = Annotated[float, Field(ge=0, le=1)]
@@ -291,7 +294,8 @@ def _broadcast(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Token-level variants: a critic (gae) or the reward-to-go (reward_to_go)
 
 
-@advantage_variant(reads={"values": "token"}, writes={"returns": "token"}, coefficient="A = GAE(δ; γ, λ) from the critic")
+@advantage_variant(reads={"values": "token"}, writes={"returns": "token"}, token_rewards=True, coefficient=lambda spec: "A = GAE(δ; γ, λ), δ = r + γ·V_{t+1} - V_t from the critic"
+                   + (", λ = 1 - 1/(α·|o|) per sequence" if spec.length_alpha is not None else ""))
 @no_grad
 def gae(
     x: AdvantageInputs,
@@ -351,7 +355,7 @@ def gae(
     return out
 
 
-@advantage_variant(coefficient="A = whiten(Σ_{s≥t} γ^{s-t} r_s)")
+@advantage_variant(token_rewards=True, coefficient="A = Σ_{s≥t} γ^{s-t} r_s (reward-to-go)")
 @no_grad
 def reward_to_go(x: AdvantageInputs, *, gamma: Unit = 1.0, whiten: bool = True, kl_coef: KlCoef = 0.0) -> AdvantageResult:
     """REINFORCE++ (Hu et al. 2025, arXiv 2501.03262, §6.2): reward-to-go, globally whitened.
@@ -439,7 +443,7 @@ def rloo(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> 
     return _finish(_broadcast(score - st.loo_mean, x.mask), x, whiten, kl_coef)
 
 
-@advantage_variant(group_based=True, coefficient="A = R - Σ_g l R / Σ_g l (length-weighted group mean)")
+@advantage_variant(group_based=True, coefficient="A = R - Σ_g |o|·R / Σ_g |o| (length-weighted group mean)")
 @no_grad
 def opo(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> AdvantageResult:
     """OPO, On-Policy RL with Optimal reward baseline (Hao et al. 2025, arXiv 2505.23585), as
@@ -467,7 +471,7 @@ def opo(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> A
     return _finish(_broadcast(score - baseline, x.mask), x, whiten, kl_coef)
 
 
-@advantage_variant(group_based=True, coefficient="A = (R - mean_g R) · B'/M, M rows with A ≠ 0")
+@advantage_variant(group_based=True, coefficient="A = (R - mean_g R)·B'/M, M the rows with R ≠ mean_g R")
 @no_grad
 def gpg(x: AdvantageInputs, *, whiten: bool = False, kl_coef: KlCoef = 0.0) -> AdvantageResult:
     """GPG, Group Policy Gradient (Chu et al. 2025, arXiv 2504.02546): the group-centred
@@ -539,15 +543,31 @@ class AdvantageRunner(NodeRunner):
     def __init__(self, spec):
         super().__init__(spec)
         self.variant = ADVANTAGES[spec.variant]
+        # β of the KL in the reward: the node's kl_coef, adapted after each batch when kl_target is set
+        self.kl = KlController(getattr(spec, "kl_coef", 0.0), spec.kl_target, spec.kl_horizon)
 
     def run(self, batch, ctx) -> dict[str, float]:
         s = self.spec
         mask = batch["response_mask"]
-        kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], s.kl) * mask if getattr(s, "kl_coef", 0.0) > 0 else None
+        beta = self.kl.beta
+        kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], s.kl) * mask if beta > 0 else None
         x = AdvantageInputs(rewards=batch["rewards"].float(), mask=mask, group=batch["group"], values=batch.get("values"),
                             kl=kl, baseline_rewards=batch.get("baseline_rewards"))
-        result = self.variant.fn(x, **self.variant.arguments(s))
+        args = self.variant.arguments(s)
+        result = self.variant.fn(x, **({**args, "kl_coef": beta} if "kl_coef" in args else args))
         batch["advantages"] = result.advantages
         if result.returns is not None:
             batch["returns"] = result.returns
-        return result.metrics
+        metrics = result.metrics
+        if kl is not None:  # the penalised estimate, as the adaptive controller observes it (verl's current_kl)
+            total, seqs = sequence_mean_kl(kl, mask)
+            metrics = {**metrics, "kl/mean": total / max(seqs, 1.0), "kl/beta": beta}
+            self.kl.update(total / max(seqs, 1.0), seqs)
+        return metrics
+
+    def state_dict(self) -> dict[str, float]:
+        """What a checkpoint keeps of this runner: an adaptive β ({} otherwise)."""
+        return self.kl.state_dict() if self.kl.adaptive else {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.kl.load_state_dict(state)

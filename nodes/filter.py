@@ -1,4 +1,5 @@
-"""Filter: dynamic sampling (DAPO), overlong filtering, best-vs-worst pairing (online DPO).
+"""Filter: dynamic sampling (DAPO), overlong filtering, preference pairing (online DPO),
+rejection sampling (RFT: keep the correct responses).
 
 Every variant is one function ``fn(cols, *, <settings>) -> Kept`` declared with
 ``@filter_variant``: ``cols`` holds the columns it reads; it says which rows to keep (a
@@ -11,7 +12,7 @@ the nodes upstream of it on fresh prompts until ``target_groups`` groups are kep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 from pydantic import Field
 
@@ -54,10 +55,12 @@ def dynamic_keep(metric: torch.Tensor, group: torch.Tensor, tolerance: float) ->
     return group_spread(metric, group) > tolerance
 
 
-def best_worst(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def best_worst(rewards: torch.Tensor, group: torch.Tensor, drop_ties: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Online DPO pairing (§9.2, Part A §11): per group, the index of the best- and of the
-    worst-scored row (first one on ties within best or worst). Groups whose best and worst
-    scores are equal are dropped. Returns (chosen_idx [P], rejected_idx [P], ties dropped)."""
+    worst-scored row (the first one on ties within best or worst). A group whose best and
+    worst scores are equal (a tie) is dropped with ``drop_ties``; otherwise the tie is
+    broken as TRL's OnlineDPOTrainer does: its first row is chosen, its second rejected.
+    Returns (chosen_idx [P], rejected_idx [P], number of tied groups)."""
     chosen, rejected, ties = [], [], 0
     for g in torch.unique(group, sorted=True).tolist():
         rows = (group == g).nonzero(as_tuple=True)[0]
@@ -65,7 +68,9 @@ def best_worst(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor
         hi, lo = int(torch.argmax(r)), int(torch.argmin(r))
         if r[hi] == r[lo]:
             ties += 1
-            continue
+            if drop_ties or len(rows) < 2:
+                continue
+            hi, lo = 0, 1
         chosen.append(int(rows[hi]))
         rejected.append(int(rows[lo]))
     return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long), ties
@@ -90,7 +95,7 @@ def _dynamic_reads(spec) -> dict[str, str]:
     return {spec.metric: "seq", "group": "seq"}
 
 
-@filter_variant(reads=_dynamic_reads, refills=True)
+@filter_variant(reads=_dynamic_reads, refills=True, coefficient=lambda spec: f"1[std_g({spec.metric}) > {spec.tolerance:g}]")
 def dynamic(
     cols: Mapping[str, Any],
     *,
@@ -115,7 +120,8 @@ def dynamic(
     return Kept(keep, metrics={"filter/groups_seen": Sum(float(n_groups)), "filter/keep_frac": Mean(float(n_kept), float(n_groups))})
 
 
-@filter_variant(reads={"response_mask": "token", "truncated": "seq"}, writes={"loss_mask": "token"}, drops_rows=False)
+@filter_variant(reads={"response_mask": "token", "truncated": "seq"}, writes={"loss_mask": "token"}, drops_rows=False,
+                coefficient="1[not truncated] (on a Loss with mask='loss_mask')")
 def overlong(cols: Mapping[str, Any]) -> Kept:
     """Overlong filtering (DAPO §3.4, TRL ``mask_truncated_completions``): truncated
     responses keep their rows (and their place in group statistics) but are masked out of
@@ -126,16 +132,47 @@ def overlong(cols: Mapping[str, Any]) -> Kept:
     return Kept(None, {"loss_mask": loss_mask}, {"filter/truncated_masked": Mean(float(truncated.float().sum()), float(truncated.numel()))})
 
 
-@filter_variant(reads={"rewards": "seq", "group": "seq"}, writes={"chosen": "seq"}, group_based=True)
-def pairs(cols: Mapping[str, Any]) -> Kept:
-    """Online DPO pairing (§9.2): per group keep the best- and the worst-scored response as
-    a chosen/rejected pair; groups whose best and worst scores tie are dropped and counted
-    (every group tied: an empty batch, and the engine skips this step's update)."""
+def _pairs_coefficient(spec) -> str:
+    return "1[o is its group's best or worst" + (", and they differ]" if spec.ties == "drop" else "]")
+
+
+@filter_variant(reads={"rewards": "seq", "group": "seq"}, writes={"chosen": "seq"}, group_based=True,
+                coefficient=_pairs_coefficient)
+def pairs(cols: Mapping[str, Any], *, ties: Literal["first", "drop"] = "first") -> Kept:
+    """Online DPO pairing (§9.2): per group, the best-scored response is chosen and the
+    worst-scored one rejected; with Generate(n=2) the rule simply picks the preferred of the
+    two samples (the paper's form), with n > 2 it pairs the best against the worst of n.
+
+    ``ties``: what a group whose best and worst scores are equal gives. "first" (default)
+    breaks the tie as TRL does, its first sample chosen and its second rejected (a
+    judge in the paper always prefers one). "drop" drops the group (no pair) and counts it;
+    every group dropped is an empty batch, and the engine skips that step's update.
+    """
     rewards = cols["rewards"]
-    c, r, ties = best_worst(rewards.float().cpu(), cols["group"].cpu())
+    c, r, n_ties = best_worst(rewards.float().cpu(), cols["group"].cpu(), drop_ties=ties == "drop")
     order = torch.stack([c, r], dim=1).flatten() if len(c) else torch.zeros(0, dtype=torch.long)  # [2P]
     chosen = torch.tensor([1.0, 0.0], device=rewards.device).repeat(len(c))  # [2P]
-    return Kept(order, {"chosen": chosen}, {"filter/pairs": Sum(float(len(c))), "filter/ties_dropped": Sum(float(ties))})
+    tied = "filter/ties_dropped" if ties == "drop" else "filter/ties_broken"
+    return Kept(order, {"chosen": chosen}, {"filter/pairs": Sum(float(len(c))), tied: Sum(float(n_ties))})
+
+
+def _metric_reads(spec) -> dict[str, str]:
+    return {spec.metric: "seq"}
+
+
+@filter_variant(reads=_metric_reads, coefficient=lambda spec: f"1[{spec.metric} > {spec.threshold:g}]")
+def correct(cols: Mapping[str, Any], *, metric: str = "rewards", threshold: float = 0.5) -> Kept:
+    """Rejection sampling (RFT, Yuan et al. 2023; DeepSeekMath §5.2.1): keep the rows whose
+    ``metric`` (a sequence column, default the reward) exceeds ``threshold``, drop the rest.
+
+    With ``Loss("nll")`` after it this is RFT's gradient coefficient 1[o correct]: the
+    likelihood of the correct samples only. ``threshold = 0.5`` fits a 0/1 rule (and ±1). A
+    step that keeps no row has no update (the engine skips it). Rows are independent: a group
+    may lose some of its rows, so no group-based node may run after it.
+    """
+    value = cols[metric].float()  # [B]
+    keep = value > threshold  # [B] bool
+    return Kept(keep, metrics={"filter/keep_frac": Mean(float(keep.sum()), float(keep.numel()))})
 
 
 # --- the node runner ------------------------------------------------------------------------

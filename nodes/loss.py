@@ -31,7 +31,9 @@ from rlflow.lazy import F, no_grad, torch
 from rlflow.node import ModelRunner, runner
 from rlflow.spec import LOSSES, loss_variant
 
-from .masked import AggMode, Counts, KlCoef, KlEstimator, aggregate, aggregate_mean, count, kl_estimate, mean_of
+from rlflow.dist import all_reduce_sum
+
+from .masked import AggMode, Counts, KlCoef, KlController, KlEstimator, aggregate, aggregate_mean, count, kl_estimate, mean_of
 
 Positive = Annotated[float, Field(gt=0)]
 DualClip = Annotated[Optional[float], Field(gt=1, description="dual-clip constant c > 1 (Ye et al. 2019); None: off")]
@@ -137,8 +139,11 @@ def _policy_term(
         loss = aggregate(ℓ, mask, agg) with the mini-batch counts
 
     ``metrics`` are the variant's own (ratio, clip or gate fractions, ppo_kl); this adds
-    loss/pg, entropy/mean (always), loss/kl and loss/entropy (when on) and kl/mean
-    (whenever ref_logprobs are in the batch).
+    loss/pg, entropy/mean (always), loss/entropy (when on) and, with kl_coef > 0, loss/kl
+    and kl/mean: the penalised estimate k(lp, lp_ref), its token mean per sequence averaged
+    over sequences (the adaptive controller's observed KL, ALGORITHMS.md §0.3). Without a
+    KL penalty but with ref_logprobs in the batch (KL in the reward) it logs kl/<estimator>
+    instead: the same statistic of the unpenalised estimate, current policy vs reference.
     """
     lp = cols["logprobs"]  # [B,T] grad
     mask = cols["response_mask"]  # [B,T]
@@ -158,15 +163,55 @@ def _policy_term(
             m["loss/kl"] = aggregate_mean(kl_coef * k, mask, agg, c)
         if entropy_coef > 0.0:
             m["loss/entropy"] = aggregate_mean(-entropy_coef * entropy, mask, agg, c)
-        if "ref_logprobs" in cols:
-            m["kl/mean"] = mean_of(kl_estimate(lp, cols["ref_logprobs"], kl), mask)
+        if kl_coef > 0.0:
+            m["kl/mean"] = _sequence_mean(k, mask)
+        elif "ref_logprobs" in cols:
+            m[f"kl/{kl}"] = _sequence_mean(kl_estimate(lp, cols["ref_logprobs"], kl), mask)
         return LossTerm(loss, _floats(m))
+
+
+def _sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> Lazy:
+    """Mean over non-empty rows of each row's token mean of ``x`` [B,T], as a metric
+    ``Mean(Σ row means, rows)`` that adds up over micro-batches and ranks."""
+    m = mask.to(x.dtype)
+    lengths = m.sum(-1)  # [B]
+    per_seq = (x * m).sum(-1) / lengths.clamp(min=1.0)  # [B]
+    return Lazy(Mean, (per_seq.sum(), (lengths > 0).sum().to(x.dtype)))
+
+
+# --- the unified view: each variant's gradient coefficient on ∇log π (DeepSeekMath §5.2.1) ---
+#
+# Sign: + raises the likelihood of the token. Read off the loss as -∂ℓ/∂lp per token; the
+# aggregation's weights (1/|o|, 1/Σ|o|, ...) are not part of it.
+
+
+def _clip_coefficient(spec) -> str:
+    """clip and clip_higher: -∂L/∂lp = Aρ where the unclipped branch is taken, 0 where the clip binds."""
+    lo, hi = ("ε", "ε") if hasattr(spec, "eps") else ("ε_low", "ε_high")
+    binds = f"A > 0 ∧ ρ > 1+{hi} or A < 0 ∧ ρ < 1-{lo}" + (" or A < 0 ∧ ρ > c" if spec.dual_clip is not None else "")
+    return f"A·ρ, 0 where the clip binds ({binds})"
+
+
+def _cispo_coefficient(spec) -> str:
+    return "A·sg(min(ρ, 1+ε_high))" if spec.eps_low is None else "A·sg(clip(ρ, 1-ε_low, 1+ε_high))"
+
+
+def _dpo_coefficient(spec) -> str:
+    """-∂ℓ/∂LP(o+) per pair (the negative of it on o-): sigmoid β·σ(-βh); cDPO
+    β·((1-ε)σ(-βh) - εσ(βh)); IPO -2(h - 1/(2β))."""
+    if spec.ipo:
+        c = "2·(1/(2β) - h)"
+    elif spec.label_smoothing > 0:
+        c = "β·((1-ε)·σ(-βh) - ε·σ(βh))"
+    else:
+        c = "β·σ(-βh)"
+    return f"±{c}, + on o+ and - on o-; h = LR(o+) - LR(o-), LR = Σ_t log π_θ/π_ref"
 
 
 # --- PPO clip, clip-higher, dual-clip ---------------------------------------------------
 
 
-@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, coefficient="A·ρ·1[ρ inside the clip where it binds]")
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, ratio=True, coefficient=_clip_coefficient)
 def clip_higher(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -219,7 +264,7 @@ def clip_higher(
     return _policy_term(pg_dual, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=m)
 
 
-@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, coefficient="A·ρ·1[ρ inside the clip where it binds]")
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, ratio=True, coefficient=_clip_coefficient)
 def clip(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -243,8 +288,9 @@ def clip(
 # --- GSPO: one ratio per sequence -----------------------------------------------------------
 
 
-@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True,
-              coefficient="A_i·s_i·1[s_i inside the clip where it binds], s_i the sequence ratio")
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, ratio=True,
+              coefficient="A_i·s_i, s_i = exp(mean_t log ρ_{i,t}); 0 for the whole sequence where the clip binds "
+                          "(A_i > 0 ∧ s_i > 1+ε_high or A_i < 0 ∧ s_i < 1-ε_low)")
 def gspo(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -308,7 +354,7 @@ def gspo(
 # --- CISPO: clip the importance weight, keep every token's gradient --------------------------
 
 
-@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, coefficient="A·sg(clip(ρ, 1-ε_low, 1+ε_high))")
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, ratio=True, coefficient=_cispo_coefficient)
 def cispo(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -366,7 +412,7 @@ def cispo(
 # --- SAPO: a soft, temperature-controlled gate instead of the clip ---------------------------
 
 
-@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True,
+@loss_variant(needs="logprobs", reads=_pg_reads, entropy=True, ratio=True,
               coefficient="A·ρ·sech²(τ(ρ-1)/2), τ = τ_pos if A > 0 else τ_neg")
 def sapo(
     cols: Mapping[str, torch.Tensor],
@@ -476,7 +522,7 @@ class ExplainedVariance(Stat):
         return Lazy(ExplainedVariance, (m.sum(), res.sum(), (res * res).sum(), r.sum(), (r * r).sum()))
 
 
-@loss_variant(needs="values", reads={"values": "token", "returns": "token"}, coefficient="(critic) V - Ret")
+@loss_variant(needs="values", reads={"values": "token", "returns": "token"}, coefficient="(critic, on ∇V) Ret - V, 0 where the value clip binds")
 def value(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -515,8 +561,6 @@ def value(
     return LossTerm(loss, metrics)
 
 
-
-
 # --- likelihood: SFT and VAPO's positive-example LM loss ------------------------------
 
 
@@ -532,7 +576,8 @@ def _nll_reads(spec) -> dict[str, str]:
     return {"rewards": "seq"} if spec.where == "correct" else {}
 
 
-@loss_variant(needs="logprobs", reads=_nll_reads, mask=_nll_mask, coefficient="1 (on the rows kept)")
+@loss_variant(needs="logprobs", reads=_nll_reads, mask=_nll_mask,
+              coefficient=lambda spec: "1[R > 0]" if spec.where == "correct" else "1")
 def nll(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -561,7 +606,7 @@ def nll(
 
 
 @loss_variant(needs="logprobs", reads={"ref_logprobs": "token", "group": "seq", "chosen": "seq"},
-              coefficient="β·σ(-βh)·(+1 chosen, -1 rejected)")
+              coefficient=_dpo_coefficient)
 def dpo(
     cols: Mapping[str, torch.Tensor],
     counts: Counts,
@@ -618,7 +663,7 @@ def _row_mask(cols: Mapping[str, torch.Tensor], params: dict) -> torch.Tensor:
 
 
 @loss_variant(needs="scores", reads={"group": "seq", "chosen": "seq"}, mask=_row_mask,
-              coefficient="(reward model) σ(-(s_w - s_l))")
+              coefficient="(reward model, on ∇s) ±σ(-(s_w - s_l)), + on o+ and - on o-")
 def bradley_terry(cols: Mapping[str, torch.Tensor], counts: Counts) -> LossTerm:
     """Pairwise reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1).
 
@@ -659,6 +704,9 @@ class LossRunner(ModelRunner):
         super().__init__(spec)
         self.variant = LOSSES[spec.variant]
         self.params = self.variant.arguments(spec)
+        # β of the KL in the loss: the node's kl_coef, adapted after each step when kl_target is set
+        self.kl = KlController(self.params.get("kl_coef", 0.0), spec.kl_target, spec.kl_horizon)
+        self._observed = [0.0, 0.0]  # Σ over sequences of their token-mean KL, sequences: this step's update
 
     @property
     def needs(self) -> str:
@@ -684,9 +732,34 @@ class LossRunner(ModelRunner):
         return count(mask, mini.get("group"), constant=self.spec.agg_constant or 1.0)
 
     def term(self, cols: Mapping[str, torch.Tensor], counts: Counts) -> LossTerm:
-        """This micro-batch's share of ``coef ·`` the loss, and its metrics."""
-        t = self.variant.fn(self._cols(cols), counts, **self.params)
+        """This micro-batch's share of ``coef ·`` the loss, and its metrics (with the KL
+        penalty's current β as kl/beta)."""
+        cols = self._cols(cols)
+        beta = self.kl.beta
+        params = {**self.params, "kl_coef": beta} if "kl_coef" in self.params else self.params
+        t = self.variant.fn(cols, counts, **params)
+        if beta > 0.0:
+            t.metrics["kl/beta"] = beta
+            if self.kl.adaptive and "kl/mean" in t.metrics:  # Mean(Σ sequence means, sequences)
+                self._observed = [a + b for a, b in zip(self._observed, t.metrics["kl/mean"].sums)]
         return LossTerm(self.spec.coef * t.loss, t.metrics)
+
+    def after_update(self, batch) -> dict[str, float]:
+        """The end of a step's update: an adaptive β moves towards its target KL, observed over
+        every micro-batch of the update (all ranks), n = the batch's sequences (all ranks)."""
+        if self.kl.adaptive:
+            total, seqs, rows = all_reduce_sum(torch.tensor([*self._observed, float(len(batch))], dtype=torch.float64)).tolist()
+            if seqs > 0:
+                self.kl.update(total / seqs, rows)
+        self._observed = [0.0, 0.0]
+        return {}
+
+    def state_dict(self) -> dict[str, float]:
+        """What a checkpoint keeps of this runner: an adaptive β ({} otherwise)."""
+        return self.kl.state_dict() if self.kl.adaptive else {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.kl.load_state_dict(state)
 
     def outputs(self, worker, micro, needs: set[str]) -> dict[str, torch.Tensor]:
         """One forward of ``worker`` on a micro-batch, with grad: every output in ``needs``

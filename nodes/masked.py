@@ -9,7 +9,7 @@ and 0 on padding (ALGORITHMS.md §0.1). Every batch-wide statistic goes through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, Optional, get_args
 
 from pydantic import Field
 
@@ -80,6 +80,51 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
     if estimator == "abs":
         return d.abs()
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+
+
+@dataclass
+class KlController:
+    """The coefficient β of a KL penalty, as a node runner keeps it (ALGORITHMS.md §0.3).
+
+    Fixed (``target`` None): β stays at its start. Adaptive (Ziegler et al. 2019, arXiv
+    1909.08593; TRL's ``AdaptiveKLController``, verl ``kl_ctrl.type=adaptive``): after each
+    step, with ``observed`` the step's KL and ``n`` the number of sequences it came from,
+
+        e = clip(observed / target - 1, -0.2, 0.2)
+        β ← β · (1 + e · n / horizon)
+
+    ``state_dict`` / ``load_state_dict`` carry β through checkpoints (JSON).
+    """
+
+    beta: float
+    target: Optional[float] = None
+    horizon: int = 10000
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target is not None
+
+    def update(self, observed: float, n: float) -> None:
+        if self.target is None:
+            return
+        e = min(max(observed / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + e * n / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.beta = float(state["beta"])
+
+
+def sequence_mean_kl(kl: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(Σ over non-empty rows of each row's token-mean of ``kl`` [B,T], number of those rows),
+    all-reduced: the adaptive controller's observed KL is their ratio (verl's ``current_kl``)."""
+    m = mask.to(torch.float64)
+    lengths = m.sum(-1)  # [B]
+    per_seq = (kl.detach().to(torch.float64) * m).sum(-1) / lengths.clamp(min=1.0)  # [B]
+    total, rows = all_reduce_sum(torch.stack([per_seq.sum(), (lengths > 0).sum().to(torch.float64)])).tolist()
+    return total, rows
 
 
 @dataclass(frozen=True)

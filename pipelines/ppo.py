@@ -7,6 +7,7 @@ critic a clipped value loss. ALGORITHMS.md §1.
 
     rlflow run pipelines/ppo.py
     rlflow run pipelines/ppo.py --set advantage.lam=1.0 --set pipeline.ppo_epochs=1
+    rlflow run pipelines/ppo.py --set advantage.kl_target=0.1   # adaptive β (Ziegler et al. 2019), from 0.01
 
 To score with the reward model that pipelines/reward_model.py trained instead of the
 rule, declare it and point Score at it (rules and a model add up when both are given):

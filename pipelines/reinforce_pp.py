@@ -3,7 +3,9 @@
 No critic and no group baseline: the per-token reward (score on the last token minus a
 k1 KL to the reference on every token) is summed into a reward-to-go, then whitened over
 every valid token of the whole batch (global normalisation is the paper's point); the
-loss is the clipped surrogate, token-mean. ALGORITHMS.md §6.2.
+loss is PPO's clipped surrogate, token-mean, over 4 mini-batches per batch (the paper
+keeps PPO's clip and mini-batch updates; with one update per batch the clip could never
+bind and this would be REINFORCE with global normalisation). ALGORITHMS.md §6.2.
 
     rlflow run pipelines/reinforce_pp.py
     rlflow run pipelines/reinforce_pp.py --set advantage.kl_coef=0.001
@@ -27,4 +29,5 @@ pipeline = Pipeline(
         Loss("clip", model="actor", eps=0.2, agg="token-mean"),
     ],
     steps=300,
+    mini_batches=4,  # several optimizer steps per batch (OpenRLHF), so the ratio leaves 1 and the clip acts
 )

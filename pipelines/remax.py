@@ -1,9 +1,9 @@
 """ReMax (Li et al. 2023, arXiv 2310.10505): REINFORCE with the greedy response as baseline.
 
 For every prompt one sampled and one greedy response; both are scored by the same rule,
-and the advantage is r(sample) - r(greedy), the same for every token. On-policy, no
-critic, no clipping in the paper (the clipped loss at ratio 1 with one update is the
-same gradient), token sum per sequence. ALGORITHMS.md §6.5.
+and the advantage is r(sample) - r(greedy), the same for every token. On-policy
+REINFORCE as in the paper: the plain policy-gradient loss -A·log π (no ratio, no clip,
+no critic), token sum per sequence, one update per batch. ALGORITHMS.md §6.5.
 
     rlflow run pipelines/remax.py
     rlflow run pipelines/remax.py --set generate.n=2
@@ -23,7 +23,7 @@ pipeline = Pipeline(
         Generate("actor", n=1, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, greedy_baseline=True),
         Score(rule=exact_match, score_greedy=True),
         Advantage("greedy_baseline"),
-        Loss("clip", model="actor", eps=0.2, agg="seq-mean-token-sum"),
+        Loss("pg", model="actor", agg="seq-mean-token-sum"),
     ],
     steps=300,
 )

@@ -2,9 +2,9 @@
 
 k samples per prompt; each sample's baseline is the mean reward of the other k-1; the
 sequence KL to the reference (k1, summed) is subtracted from the reward before the
-baseline. The paper's update is on-policy REINFORCE with a token SUM per sequence
-(seq-mean-token-sum), which is the clipped loss at ratio 1 with one update per batch
-(ALGORITHMS.md Part A §12). ALGORITHMS.md §3.1.
+baseline. The paper's update is on-policy REINFORCE with a token SUM per sequence: the
+plain policy-gradient loss -A·log π (no ratio, no clip), seq-mean-token-sum, one update
+per batch. ALGORITHMS.md §3.1.
 
     rlflow run pipelines/rloo.py
     rlflow run pipelines/rloo.py --set generate.n=2 --set advantage.kl_coef=0
@@ -25,7 +25,7 @@ pipeline = Pipeline(
         Score(rule=exact_match),
         RefLogprob("ref"),
         Advantage("rloo", kl_coef=0.05, kl="k1"),
-        Loss("clip", model="actor", eps=0.2, agg="seq-mean-token-sum"),
+        Loss("pg", model="actor", agg="seq-mean-token-sum"),
     ],
     steps=300,
 )

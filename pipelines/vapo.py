@@ -27,12 +27,12 @@ pipeline = Pipeline(
         Generate("actor", n=8, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0),
         Score(rule=signed_match),
         Value("critic"),
-        Advantage("gae", gamma=1.0, lam=0.95, lambda_critic=1.0, length_alpha=1.0, whiten=True),
+        Advantage("gae", gamma=1.0, lambda_critic=1.0, length_alpha=1.0, whiten=True),
         Loss("clip_higher", model="actor", eps_low=0.2, eps_high=0.28, agg="token-mean"),
         Loss("nll", model="actor", where="correct", coef=0.1, agg="token-mean", name="ntp"),
         Loss("value", model="critic", eps_v=0.2, agg="token-mean", name="value_loss"),
     ],
-    phases=[Phase(steps=20, train=["critic"])],  # value pretraining (the paper: ~50 steps)
+    phases=[Phase(steps=20, train=["critic"])],  # value pretraining (paper: ~50 steps); reports explained variance
     steps=220,
     mini_batches=4,  # the paper: mini-batch 512 of 8192 responses
 )

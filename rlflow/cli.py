@@ -125,7 +125,9 @@ def cmd_graph(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    """The settings that differ between pipeline files or runs' config.json, resolved as they run."""
+    """The unified view of each pipeline (data source, reward function, gradient coefficient),
+    then the settings that differ between pipeline files or runs' config.json, resolved as they run."""
+    from rich.markup import escape
     from rich.table import Table
 
     from rlflow.graph import resolve
@@ -134,17 +136,45 @@ def cmd_compare(args) -> int:
     pipes = [resolve(apply_overrides(load_pipeline(pipeline_file(f)), args.set or [])) for f in args.files]
     rows = diff(*(p.to_config() for p in pipes))
     c = _console()
+    c.print(_unified_table(pipes, args.files))
     if not rows:
         c.print("the pipelines are identical in every setting", markup=False)
         return 0
-    table = Table(title="what differs (— = absent)", title_justify="left")
+    table = Table(title="what differs (— = absent; a KL setting that does nothing says so)", title_justify="left")
     table.add_column("setting")
     for p, f in zip(pipes, args.files):
         table.add_column(f"{p.name}\n{Path(f).name}")
     for key, values in rows:
-        table.add_row(key, *values)
+        table.add_row(escape(key), *(escape(_shown(p, key, v)) for p, v in zip(pipes, values)))
     c.print(table)
     return 0
+
+
+def _unified_table(pipes: list, files: list[str]):
+    """The unified view (DeepSeekMath §5.2.1) of each pipeline, read off its nodes: one row per
+    part, one column per pipeline (as the table of differences)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from rlflow.unified import unified_view
+
+    table = Table(title="unified view: ∇J = E_(q,o)~D [Σ_t GC · ∇log π_θ(o_t | q, o_<t)]", title_justify="left")
+    table.add_column("")
+    for p, f in zip(pipes, files):
+        table.add_column(f"{p.name}\n{Path(f).name}")
+    views = [unified_view(p) for p in pipes]
+    for label, part in (("data source D", "data_source"), ("reward function", "reward_function"),
+                        ("gradient coefficient GC", "gradient_coefficient"), ("KL penalty", "kl")):
+        table.add_row(label, *(escape(getattr(v, part)) for v in views))
+    return table
+
+
+def _shown(pipeline, key: str, value: str) -> str:
+    from rlflow.settings import ABSENT
+    from rlflow.unified import not_in_effect
+
+    why = None if value == ABSENT else not_in_effect(pipeline, key)
+    return f"{value} ({why})" if why else value
 
 
 def _pipeline_files() -> list[Path]:
@@ -187,27 +217,27 @@ def cmd_list(args) -> int:
 
 def cmd_docs(args) -> int:
     """The settings tables of every node kind and variant; ``--write`` puts them into
-    docs/nodes.md, ``--check`` exits 1 when that page is out of date."""
-    from rlflow.docgen import NODES_MD, markdown, updated
+    docs/nodes.md and the unified view of every shipped pipeline into docs/algorithms.md
+    (or the generated blocks of ``--file``), ``--check`` exits 1 when a page is out of date."""
+    from rlflow.docgen import ALGORITHMS_MD, NODES_MD, markdown, updated
 
-    path = Path(args.file) if args.file else NODES_MD
     if not (args.write or args.check):
         print(markdown(), end="")
         return 0
-    try:
-        old, new = updated(path)
-    except (OSError, ValueError) as e:
-        raise UserError("RF100", f"{path}: {e}") from None
-    if args.write:
-        if new != old:
+    stale = 0
+    for path in [Path(args.file)] if args.file else [NODES_MD, ALGORITHMS_MD]:
+        try:
+            old, new = updated(path)
+        except (OSError, ValueError) as e:
+            raise UserError("RF100", f"{path}: {e}") from None
+        if args.write and new != old:
             path.write_text(new)
-        print(f"{path}: {'updated' if new != old else 'up to date'}")
-        return 0
-    if new != old:
-        _console(stderr=True).print(f"{path} is out of date with the code; run: rlflow docs --write", markup=False)
-        return 1
-    print(f"{path}: up to date")
-    return 0
+        if args.check and new != old:
+            _console(stderr=True).print(f"{path} is out of date with the code; run: rlflow docs --write", markup=False)
+            stale += 1
+            continue
+        print(f"{path}: {'updated' if args.write and new != old else 'up to date'}")
+    return 1 if stale else 0
 
 
 def _width(console: Console) -> int:
@@ -504,9 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(fn=cmd_report)
 
     d = command("docs", "the settings tables of every node and variant, read off the code")
-    d.add_argument("--write", action="store_true", help="replace the generated tables in docs/nodes.md")
-    d.add_argument("--check", action="store_true", help="exit 1 if docs/nodes.md is out of date")
-    d.add_argument("--file", help="the page to write or check (default: the repository's docs/nodes.md)")
+    d.add_argument("--write", action="store_true", help="replace the generated tables in docs/nodes.md and docs/algorithms.md")
+    d.add_argument("--check", action="store_true", help="exit 1 if docs/nodes.md or docs/algorithms.md is out of date")
+    d.add_argument("--file", help="the one page to write or check (default: the repository's docs/nodes.md and docs/algorithms.md)")
     d.set_defaults(fn=cmd_docs)
     return p
 

@@ -12,6 +12,7 @@ tests/test_docs.py fail when the page is out of date. No torch import.
 from __future__ import annotations
 
 import json
+import re
 import types
 from collections.abc import Callable as CallableABC
 from pathlib import Path
@@ -26,7 +27,10 @@ from rlflow.spec import ADVANTAGES, FILTERS, LOSSES, Generate, RefLogprob, Score
 from rlflow.variants import VariantKind
 
 BEGIN, END = "<!-- generated: variants -->", "<!-- end generated -->"
+UNIFIED_BEGIN = "<!-- generated: unified view -->"
 NODES_MD = Path(__file__).resolve().parent.parent / "docs" / "nodes.md"
+ALGORITHMS_MD = NODES_MD.parent / "algorithms.md"
+PIPELINES = NODES_MD.parent.parent / "pipelines"
 PLAIN_KINDS = (Generate, Score, RefLogprob, Value)
 VARIANT_KINDS = (ADVANTAGES, FILTERS, LOSSES)
 NOT_SETTINGS = ("name", "variant")  # every node's name; a variant node's variant is its first argument
@@ -146,7 +150,7 @@ def _variant_table(kind: VariantKind) -> list[str]:
     for v in variants:
         spec = v.spec()
         cells = [f"`{v.name}`", _cell(v.summary), _columns(v.reads(spec)), _columns(v.writes(spec))]
-        cells += [f"`{v.needs}`" if v.needs else "—"] * needs + [_cell(v.coefficient) or "—"] * coef
+        cells += [f"`{v.needs}`" if v.needs else "—"] * needs + [_cell(v.gradient_coefficient()) or "—"] * coef
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -189,15 +193,62 @@ def markdown() -> str:
 # --- docs/nodes.md -------------------------------------------------------------------------------
 
 
-def replace_block(text: str, block: str) -> str:
-    """``text`` with what lies between the markers replaced by ``block``."""
-    start, end = text.find(BEGIN), text.find(END)
+def unified_markdown() -> str:
+    """The unified view of every shipped pipeline (rlflow.unified), read off its nodes, as the
+    markdown between the unified-view markers of docs/algorithms.md."""
+    from rlflow.graph import resolve
+    from rlflow.loader import load_pipeline
+    from rlflow.unified import markdown as table
+
+    files = sorted(f for f in PIPELINES.glob("*.py") if f.name != "__init__.py")
+    rows = [(f"`{f.stem}`", resolve(load_pipeline(f))) for f in files]
+    return ("*Generated from the pipelines' nodes by `rlflow docs --write` (`tests/test_docs.py` fails when it is "
+            "out of date); `rlflow compare A B` opens with the same table.*\n\n" + table(rows))
+
+
+def graph_markdown(name: str) -> str:
+    """``rlflow graph pipelines/<name>.py`` as plain text in a code block (docs/algorithms.md)."""
+    import io
+
+    from rich.console import Console
+
+    from rlflow.graph import build
+    from rlflow.loader import load_pipeline
+    from rlflow.view import render_graph
+
+    console = Console(file=io.StringIO(), width=160, record=True, color_system=None)
+    console.print(render_graph(build(load_pipeline(PIPELINES / f"{name}.py"))))
+    text = "\n".join(line.rstrip() for line in console.export_text().splitlines())
+    return f"```\n{text}\n```\n"
+
+
+BLOCKS = {BEGIN: markdown, UNIFIED_BEGIN: unified_markdown}  # marker -> what goes after it, up to END
+GRAPH_BEGIN = re.compile(r"<!-- generated: graph (\w+) -->")  # a pipeline's graph: its file's stem
+
+
+def _blocks(text: str) -> dict[str, Any]:
+    """The generated blocks ``text`` has: marker -> function giving its content."""
+    found = {begin: make for begin, make in BLOCKS.items() if begin in text}
+    for m in GRAPH_BEGIN.finditer(text):
+        found[m.group(0)] = lambda name=m.group(1): graph_markdown(name)
+    return found
+
+
+def replace_block(text: str, block: str, begin: str = BEGIN) -> str:
+    """``text`` with what lies between ``begin`` and the next end marker replaced by ``block``."""
+    start = text.find(begin)
+    end = text.find(END, start)
     if start < 0 or end < start:
-        raise ValueError(f"no '{BEGIN}' ... '{END}' markers in the page")
-    return text[: start + len(BEGIN)] + "\n" + block + text[end:]
+        raise ValueError(f"no '{begin}' ... '{END}' markers in the page")
+    return text[: start + len(begin)] + "\n" + block + text[end:]
 
 
 def updated(path: Path = NODES_MD) -> tuple[str, str]:
-    """(the page as it is, the page with the tables regenerated)."""
-    text = path.read_text()
-    return text, replace_block(text, markdown())
+    """(the page as it is, the page with every generated block it has regenerated)."""
+    text = new = path.read_text()
+    found = _blocks(text)
+    if not found:
+        raise ValueError(f"no '{BEGIN}' (or '{UNIFIED_BEGIN}', or a pipeline's graph) ... '{END}' markers in the page")
+    for begin, make in found.items():
+        new = replace_block(new, make(), begin)
+    return text, new

@@ -206,9 +206,11 @@ class Run:
         if dist.rank() == 0 and not self.start_step:
             write_json(self.out_dir / "eval_before.json", before)
         started = time.perf_counter()
+        phases: list[dict[str, Any]] = []
         with self._signals_end_the_step():
             for step in range(self.start_step + 1, steps + 1):
                 record, batch = self._step(step)
+                phases += self._phase_end(step, record)
                 if every and step % every == 0 and step != steps:
                     record.update(self.evaluate(step))
                 lines = self.records.write(record, batch)
@@ -221,6 +223,8 @@ class Run:
         after = self.evaluate(steps)
         self.save_final()
         summary = self.records.summary(self.pipeline.name, before, after, time.perf_counter() - started)
+        if phases:
+            summary["phases"] = phases
         if dist.rank() == 0:
             write_json(self.out_dir / "summary.json", summary)
         self.observer.end(summary)
@@ -297,6 +301,19 @@ class Run:
                                    f"resume with --resume {self.out_dir}")
         self.observer.message(f"stopped after step {step}; saved {path} — continue with --resume {self.out_dir}")
         raise Stopped(signum)
+
+    def _phase_end(self, step: int, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """At the last step of a phase (e.g. value pretraining, which ends after its stated
+        number of steps): how well each trained critic fits by then, its explained variance
+        on that step's batch, said and kept for the summary."""
+        ended = [(i, ph) for i, ph in enumerate(self.pipeline.phases) if step == ph.start + ph.steps]
+        out = []
+        for i, ph in ended:
+            figures = {k: v for k, v in record.items() if k.endswith("explained_variance")}
+            out.append({"phase": i, "steps": [ph.start + 1, step], "train": ph.train, **figures})
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in figures.items()) or "no explained variance logged"
+            self.observer.message(f"phase {i} (steps {ph.start + 1}-{step}, trains {', '.join(ph.train)}) ended: {shown}")
+        return out
 
     def _experience_runners(self) -> list:
         return [self.runners[n.name] for n in self.graph.experience_order()]
@@ -415,6 +432,9 @@ class Run:
                     times.add("+".join(r.spec.name for r in runners), time.perf_counter() - t0, len(mini), tokens(mini))
         out = {k: dist.combine(v) for k, v in sums.items()}
         out.update({f"lr/{model}": self.workers[model].lr() for model in by_model})
+        for r in (r for runners in by_model.values() for r in runners):  # e.g. an adaptive KL coefficient moves
+            if hasattr(r, "after_update"):
+                out.update(r.after_update(batch))
         return dist.reduce_metrics(out)
 
     def _train_model(self, worker: Worker, runners: list, mini: Batch) -> dict:
@@ -471,7 +491,11 @@ class Run:
         return figures
 
     def _rng_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "torch": torch.get_rng_state(), "data": self.data.state()}
+        """The random, data and node-runner state of this moment (runners with a ``state_dict``,
+        e.g. an adaptive KL coefficient, give a JSON-able dict; empty ones are left out)."""
+        nodes = {name: r.state_dict() for name, r in self.runners.items() if hasattr(r, "state_dict")}
+        return {"generator": self.generator.get_state(), "torch": torch.get_rng_state(), "data": self.data.state(),
+                "nodes": {name: st for name, st in nodes.items() if st}}
 
     def _rescue(self, step: int, rng: dict[str, Any]) -> None:
         """After a failure before the update of step ``step + 1``: the models are exactly
@@ -499,6 +523,9 @@ class Run:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
         self.data.load_state(state["data"])
+        for name, node_state in state.get("nodes", {}).items():
+            if name in self.runners:
+                self.runners[name].load_state_dict(node_state)
         self.start_step = state["step"]
         self.records.truncate(self.start_step)
         before = self.out_dir / "eval_before.json"

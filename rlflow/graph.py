@@ -67,7 +67,12 @@ CODES = {
     "RF013": "pipeline without nodes",
     "RF014": "node kind without a runner",
     "RF015": "setting that cannot take effect",
+    "RF016": "a clip of the ratio that cannot bind (one update per batch)",
+    "RF017": "a KL setting that cannot act (a zero KL coefficient, or kl_horizon without kl_target)",
+    "RF018": "gae's lam unused beside length_alpha and lambda_critic",
 }
+# Codes that are warnings: the pipeline runs, but a setting in it does nothing.
+WARNINGS = {"RF010", "RF016", "RF017", "RF018"}
 
 # Columns the engine consumes itself (metrics, samples), so writing them unread is fine.
 _ENGINE_READS = {"response", "truncated", "rewards", "answer", "prompt", "old_logprobs", "group", "greedy_response"}
@@ -157,6 +162,7 @@ def build(pipeline: Pipeline) -> PipelineGraph:
     _check_kinds(pipeline, pg)
     _check_models(pipeline, pg)
     _check_settings(pipeline, pg)
+    _check_inert(pipeline, pg)
     _check_groups(pipeline, pg)
     _check_resolved(pipeline, pg)
     _check_unused(pipeline, pg)
@@ -286,6 +292,52 @@ def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
     if pipeline.eval is not None and pipeline.eval.pairs and pipeline.data.kind == "pairs":
         add(Problem("RF015", "eval", "pairs", "the data are Pairs, so evaluation uses their own held-out split",
                     "pairs=None", repr(pipeline.eval.pairs)))
+
+
+def _is_set(node: Node, name: str) -> bool:
+    """Whether a setting was chosen: its value is not the default, or it was given by hand
+    (a node read back from config.json has every field given, so there only the value counts)."""
+    f = type(node).model_fields[name]
+    if getattr(node, name) != f.default:
+        return True
+    given = node.model_fields_set
+    return name in given and not set(type(node).model_fields) <= given
+
+
+def _ratio_is_one(pipeline: Pipeline, loss: Node) -> bool:
+    """Whether ρ = π_θ/π_old is 1 at every update of ``loss``: one optimizer step per batch, old
+    log-probs from the model it trains, computed by the same forward (recomputed, or fp32,
+    where the sampling pass agrees with it to ~1e-6; in bf16/fp16 the two passes differ)."""
+    gen = _single_generate(pipeline)
+    if pipeline.ppo_epochs * pipeline.mini_batches != 1 or gen is None or gen.model != loss.model:
+        return False
+    return gen.recompute_logprobs or pipeline.models[gen.model].precision == "fp32"
+
+
+def _check_inert(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    """Settings that do nothing (warnings): a clip of a ratio that is always 1, a KL estimator
+    or target with no KL coefficient, gae's lam when both λs are set otherwise."""
+    add = pg.problems.append
+    for n in pipeline.nodes:
+        decl = getattr(n, "declared", None)
+        if decl is not None and decl.facts.get("ratio") and n.model in pipeline.models and _ratio_is_one(pipeline, n):
+            what = "clip and dual-clip" if getattr(n, "dual_clip", None) is not None else "clip"
+            add(Problem("RF016", n.name, "variant", f"{n.label()}'s {what} cannot bind: with one optimizer step per batch "
+                        "(ppo_epochs × mini_batches = 1) the ratio ρ is 1, so the update is the plain policy gradient",
+                        "ppo_epochs × mini_batches > 1", "1", "set pipeline.mini_batches > 1 to make it act, or use "
+                        "Loss('pg') to say it", severity="warning"))
+        coef = getattr(n, "kl_coef", None)
+        for name in ("kl", "kl_target"):
+            if name in type(n).model_fields and _is_set(n, name) and not coef:
+                add(Problem("RF017", n.name, name, f"{name}={getattr(n, name)!r} has no effect: "
+                            + ("kl_coef is 0" if coef is not None else f"{n.label()} has no KL penalty"),
+                            "kl_coef > 0", str(coef or 0), severity="warning"))
+        if "kl_horizon" in type(n).model_fields and coef and n.kl_target is None and _is_set(n, "kl_horizon"):
+            add(Problem("RF017", n.name, "kl_horizon", f"kl_horizon={n.kl_horizon} has no effect without kl_target "
+                        "(β stays kl_coef)", "kl_target set", "kl_target=None", severity="warning"))
+        if getattr(n, "length_alpha", None) is not None and getattr(n, "lambda_critic", None) is not None and _is_set(n, "lam"):
+            add(Problem("RF018", n.name, "lam", f"lam={n.lam:g} has no effect: λ_actor is length-adaptive (length_alpha) "
+                        "and λ_critic is lambda_critic", "lam unset", f"lam={n.lam:g}", severity="warning"))
 
 
 def _check_models(pipeline: Pipeline, pg: PipelineGraph) -> None:

@@ -176,8 +176,13 @@ class Model(Spec):
 class DataSource(Spec):
     """Rows from ``source``: a ``builtin:`` name, a ``.jsonl`` file, a ``.json``/``.csv``/``.parquet``
     file or a directory (read through ``datasets``), or a Hugging Face dataset name
-    (``openai/gsm8k``, from the local cache when the hub cannot be reached)."""
+    (``openai/gsm8k``, from the local cache when the hub cannot be reached).
 
+    ``data_source`` is what its rows are in the unified view of post-training methods
+    (DeepSeekMath §5.2.1: data source · reward function · gradient coefficient);
+    ``rlflow compare`` and docs/algorithms.md read it from here."""
+
+    data_source: ClassVar[str]
     source: str
     batch_size: int = Field(16, ge=1, description="prompts (or pairs) per iteration")
     eval_source: Optional[str] = Field(None, description="held-out rows (a file or dataset as source); built-in data "
@@ -208,6 +213,7 @@ class Prompts(DataSource):
     tokenizer's chat template (``apply_chat_template(..., add_generation_prompt=True)``).
     """
 
+    data_source: ClassVar[str] = "prompts"
     kind: Literal["prompts"] = "prompts"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
@@ -221,6 +227,7 @@ class Prompts(DataSource):
 class Demonstrations(DataSource):
     """Prompt + completion rows for supervised fine-tuning (``builtin:arith`` or jsonl)."""
 
+    data_source: ClassVar[str] = "human demonstrations"
     kind: Literal["demonstrations"] = "demonstrations"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
@@ -235,6 +242,7 @@ class Demonstrations(DataSource):
 class Pairs(DataSource):
     """Preference pairs (prompt, chosen, rejected): two rows per pair sharing ``group``."""
 
+    data_source: ClassVar[str] = "preference pairs (offline)"
     kind: Literal["pairs"] = "pairs"
     prompt_field: str = "prompt"
     chosen_field: str = "chosen"
@@ -344,9 +352,16 @@ _FROM_GENERATE = "default: the Generate node's {} (resolved when the graph is bu
 
 @node_kind
 class Generate(ModelNode):
-    """Sample ``n`` responses per prompt from ``model`` (its own weights, with a KV cache)."""
+    """Sample ``n`` responses per prompt from ``model`` (its own weights, with a KV cache).
+
+    Its rows are, in the unified view, ``data_source`` when ``model`` is the one being
+    trained (on-policy) and ``data_source_frozen`` when it is a frozen model (offline
+    sampling, e.g. RFT's samples of the initial policy).
+    """
 
     kind: ClassVar[str] = "generate"
+    data_source: ClassVar[str] = "samples of the current policy"
+    data_source_frozen: ClassVar[str] = "samples of a frozen model"
     model: str = "actor"
     n: int = Field(8, ge=1)
     max_new_tokens: int = Field(16, ge=1)
@@ -479,9 +494,30 @@ class Value(ModelNode):
 
 # --- kinds with variants: the base specs; each variant's spec is made from its function ------
 
-# Schulman's per-token KL estimators and verl's |d| (ALGORITHMS.md §0.3); the one list of them:
-# Advantage's ``kl`` field here, the Loss variants' ``kl`` setting and masked.kl_estimate use it.
+# Schulman's per-token KL estimators and verl's |d| (ALGORITHMS.md §0.3), each with the gradient
+# coefficient it adds on ∇log π_θ as a loss term β·k(lp_θ, lp_ref) (the unified view's sign: +
+# raises the likelihood). The one list of them: Advantage's ``kl`` field here, the Loss variants'
+# ``kl`` setting and masked.kl_estimate use it.
+KL_GRADIENT = {
+    "k1": "-β (0 in expectation)",  # k1 = d, d = log π_θ/π_ref: dk/dd = 1, and E_π[∇lp] = 0
+    "k2": "-β·log(π_θ/π_ref)",  # k2 = d²/2: reverse KL per state
+    "k3": "β·(π_ref/π_θ - 1)",  # k3 = e^-d - 1 + d: forward KL's gradient (DeepSeekMath's GRPO GC)
+    "abs": "-β·sign(log(π_θ/π_ref))",  # |d|
+}
 KlEstimator = Literal["k1", "k2", "k3", "abs"]
+
+
+class AdaptiveKl(Spec):
+    """The KL coefficient's schedule, on every Advantage and Loss node: fixed at the node's
+    ``kl_coef``, or adaptive (Ziegler et al. 2019, arXiv 1909.08593; verl ``kl_ctrl.type=adaptive``,
+    OpenRLHF ``--algo.kl.target``, TRL's AdaptiveKLController) when ``kl_target`` is set:
+    after each step β ← β·(1 + clip(KL/kl_target - 1, -0.2, 0.2)·n/kl_horizon), KL the batch
+    mean over sequences of the per-sequence token mean of the penalised estimate and n the
+    number of sequences (ALGORITHMS.md §0.3). β starts at ``kl_coef``; the runner keeps it."""
+
+    kl_target: Optional[float] = Field(None, gt=0, description="target KL of the adaptive controller (None: β stays "
+                                       "kl_coef); needs kl_coef > 0, the starting β")
+    kl_horizon: int = Field(10000, ge=1, description="horizon of the adaptive controller, in sequences")
 
 
 class _VariantNode(Node, Declared):
@@ -495,7 +531,7 @@ class _VariantNode(Node, Declared):
 
 
 @node_kind
-class AdvantageSpec(_VariantNode):
+class AdvantageSpec(AdaptiveKl, _VariantNode):
     """An advantage estimator (variants in ``nodes/advantage.py``).
 
     Every variant takes ``kl_coef`` and ``whiten``; with ``kl_coef > 0`` the node
@@ -521,7 +557,7 @@ class AdvantageSpec(_VariantNode):
 
 
 @node_kind
-class LossSpec(_VariantNode, ModelNode):
+class LossSpec(AdaptiveKl, _VariantNode, ModelNode):
     """A loss term on a trainable model (variants in ``nodes/loss.py``); terms on the same
     model are summed, each weighted by ``coef``."""
 
@@ -562,14 +598,18 @@ class FilterSpec(_VariantNode):
         return self.declared.drops_rows
 
 
-ADVANTAGES = AdvantageSpec.variants = VariantKind("advantage", AdvantageSpec, group_based=False)
+# facts of an Advantage variant: ``group_based`` (a baseline from the prompt's other samples) and
+# ``token_rewards`` (KL in the reward enters per token, r_t = -β·k_t + 1[t = T]·R, rather than summed
+# into the sequence score R - β·Σ_t k_t)
+ADVANTAGES = AdvantageSpec.variants = VariantKind("advantage", AdvantageSpec, group_based=False, token_rewards=False)
 def _response_mask(cols, params):
     return cols["response_mask"]
 
 
 # facts of a Loss variant: ``mask`` (its token mask, from the batch and its settings) and
 # ``entropy`` (a policy loss: the runner also computes the policy's per-token entropy)
-LOSSES = LossSpec.variants = VariantKind("loss", LossSpec, mask=_response_mask, entropy=False)
+# and ``ratio`` (it weighs or clips the ratio ρ = π_θ/π_old, which is 1 at an update's first step)
+LOSSES = LossSpec.variants = VariantKind("loss", LossSpec, mask=_response_mask, entropy=False, ratio=False)
 FILTERS = FilterSpec.variants = VariantKind("filter", FilterSpec, group_based=False, drops_rows=True, refills=False)
 advantage_variant = ADVANTAGES.declare
 loss_variant = LOSSES.declare

@@ -35,6 +35,7 @@ from rlflow.registry import Registry
 
 Columns = Mapping[str, str]  # column -> level
 ColumnsOf = Union[Columns, Callable[[Any], Columns]]  # fixed, or a function of the spec
+TextOf = Union[str, Callable[[Any], str]]  # fixed, or a function of the spec
 
 
 def _columns(decl: Optional[ColumnsOf]) -> Callable[[Any], dict[str, str]]:
@@ -58,13 +59,20 @@ class Variant:
     reads: Callable[[Any], dict[str, str]]  # spec -> batch columns read (beyond the kind's own)
     writes: Callable[[Any], dict[str, str]]  # spec -> batch columns written (beyond the kind's own)
     needs: Optional[str] = None  # model output a Loss needs: "logprobs" | "values" | "scores"
-    coefficient: str = ""  # the gradient coefficient on ∇log π (the unified view), as a formula
+    coefficient: TextOf = ""  # the gradient coefficient on ∇log π (the unified view): a formula, or spec -> formula
     facts: dict[str, Any] = field(default_factory=dict)  # group_based, refills, mask, ...
 
     @property
     def summary(self) -> str:
         doc = inspect.getdoc(self.fn) or ""
         return doc.split("\n\n")[0].replace("\n", " ")
+
+    def gradient_coefficient(self, spec: Any = None) -> str:
+        """The unified view's gradient coefficient (DeepSeekMath §5.2.1) of this variant for
+        ``spec`` (default: the variant at its default settings)."""
+        if callable(self.coefficient):
+            return self.coefficient(spec if spec is not None else self.spec())
+        return self.coefficient
 
     def arguments(self, spec: Any) -> dict[str, Any]:
         """The keyword arguments of ``fn`` for a validated spec."""
@@ -112,7 +120,7 @@ class VariantKind:
         self.registry: Registry[Variant] = Registry(f"{kind} variant")
 
     def declare(self, *, reads: Optional[ColumnsOf] = None, writes: Optional[ColumnsOf] = None,
-                needs: Optional[str] = None, coefficient: str = "", **facts: Any) -> Callable:
+                needs: Optional[str] = None, coefficient: TextOf = "", **facts: Any) -> Callable:
         """The decorator: ``@loss_variant(needs="logprobs", reads={...})``."""
 
         def register(fn: Callable) -> Callable:

@@ -43,7 +43,7 @@ def _shown_keys(node) -> list[str]:
     ``coef``; any other node its fields. ``rlflow graph --all`` shows every field."""
     declared = getattr(node, "declared", None)
     if declared is not None:
-        return list(declared.params) + ["kl", "coef", "mask"]
+        return list(declared.params) + ["kl", "kl_target", "kl_horizon", "coef", "mask"]
     return list(node.params())
 
 
@@ -55,7 +55,9 @@ def _in_effect(k: str, v: Any, params: dict[str, Any]) -> bool:
     a KL penalty, an overlong penalty without its buffer, or a sampling filter that is off."""
     if (k.endswith("_coef") and v == 0) or _OFF.get(k, object()) == v:
         return False
-    if k == "kl" and params.get("kl_coef", 1) == 0:
+    if k in ("kl", "kl_target", "kl_horizon") and params.get("kl_coef", 1) == 0:
+        return False  # a KL estimator or schedule with no KL penalty
+    if k == "kl_horizon" and params.get("kl_target") is None:
         return False
     return not (k == "overlong_penalty" and not params.get("overlong_buffer"))
 

@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError
 
 from rlflow import Loss
 from rlflow.cli import main
-from rlflow.docgen import BEGIN, END, NODES_MD, markdown, updated
+from rlflow.docgen import ALGORITHMS_MD, BEGIN, END, NODES_MD, PIPELINES, UNIFIED_BEGIN, markdown, updated
 from rlflow.spec import ADVANTAGES, FILTERS, LOSSES, loss_variant
 
 TOY = "toy_pg_docs_test"  # unique: the registry is global
@@ -19,6 +19,15 @@ TOY = "toy_pg_docs_test"  # unique: the registry is global
 def test_nodes_md_is_up_to_date_with_the_registries():
     old, new = updated(NODES_MD)
     assert old == new, "docs/nodes.md is out of date with the code: run `rlflow docs --write`"
+
+
+def test_algorithms_md_has_the_unified_view_of_every_shipped_pipeline_up_to_date():
+    old, new = updated(ALGORITHMS_MD)
+    assert old == new, "docs/algorithms.md is out of date with the pipelines: run `rlflow docs --write`"
+    block = old.split(UNIFIED_BEGIN)[1].split(END)[0]
+    for f in sorted(PIPELINES.glob("*.py")):
+        if f.name != "__init__.py":
+            assert f"| `{f.stem}` |" in block, f.stem
 
 
 def test_every_shipped_variant_and_setting_is_in_the_tables():

@@ -3,6 +3,7 @@ checkpoints, failures. Uses builtin:tiny-arith-init (no SFT needed) to stay fast
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +180,23 @@ def test_phase_trains_only_the_critic(tmp_path):
     batch, times, _ = run.experience()
     run.update(batch, times)
     assert not torch.equal(weights(run), a0)  # after it, both learn
+
+
+def test_the_end_of_value_pretraining_reports_the_critics_explained_variance(tmp_path):
+    from test_checkpoint import Messages
+
+    actor = Model(INIT, train=True, lr=1e-3)
+    p = Pipeline(name="v", data=Prompts("builtin:arith", batch_size=4), models={"actor": actor, "critic": actor.critic(lr=1e-3)},
+                 nodes=[Generate("actor", n=1, max_new_tokens=4), Score(rule=signed_match), Value("critic"),
+                        Advantage("gae", lambda_critic=1.0), Loss("clip"), Loss("value", model="critic", name="vl")],
+                 phases=[Phase(steps=2, train=["critic"])], steps=3, eval=None)
+    seen = Messages()
+    run = Run(p, build(p), tmp_path / "run", observer=seen)
+    run.setup()
+    summary = run.train()
+    ev = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])["value/explained_variance"]
+    assert summary["phases"] == [{"phase": 0, "steps": [1, 2], "train": ["critic"], "value/explained_variance": ev}]
+    assert any(line.startswith("phase 0 (steps 1-2, trains critic) ended: value/explained_variance") for line in seen.lines)
 
 
 @pytest.mark.parametrize("rule, words", [
@@ -386,3 +404,20 @@ def test_critic_initialised_from_a_reward_model(tmp_path):
     critic = place("critic", Model(str(tmp_path / "rm" / "final")).critic())
     torch.testing.assert_close(critic.module.score.weight, trained.score.weight)
     torch.testing.assert_close(critic.module.model.embed_tokens.weight, trained.model.embed_tokens.weight)
+
+
+def test_the_evaluated_and_saved_policy_is_the_trained_actor_not_the_frozen_sampler(tmp_path):
+    # RFT samples from a frozen copy ("sampler"); the policy is the model the loss trains
+    from transformers import AutoModelForCausalLM
+
+    from rlflow.loader import apply_overrides, load_pipeline
+
+    path = Path(__file__).parent.parent / "pipelines" / "rft.py"
+    p = apply_overrides(load_pipeline(path), ["data.batch_size=4", "pipeline.eval=null", "actor.lr=1e-2"])
+    run = run_of(p, tmp_path)
+    assert run.policy == "actor" and run.evaluator.policy == "actor"
+    sampler = weights(run, "sampler")
+    run.train(2)
+    assert not torch.equal(weights(run), sampler) and torch.equal(weights(run, "sampler"), sampler)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    torch.testing.assert_close(torch.cat([q.flatten() for q in final.parameters()]), weights(run))

@@ -34,10 +34,35 @@ def test_dynamic_keep_drops_zero_variance_groups_and_respects_tolerance():
 def test_best_worst_pairs_and_ties():
     rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 1.0, 0.2, 0.9, 0.9])
     group = torch.tensor([3, 3, 3, 5, 5, 8, 8, 8])
-    c, r, ties = best_worst(rewards, group)
+    c, r, ties = best_worst(rewards, group, drop_ties=True)
     # group 3: best row 1 (1.0), worst row 0 (0.0); group 5 ties (1.0, 1.0) -> dropped;
     # group 8: best row 6 (first 0.9), worst row 5 (0.2)
     assert c.tolist() == [1, 6] and r.tolist() == [0, 5] and ties == 1
+    # ties broken (TRL): group 5's first row chosen, its second rejected; the others unchanged
+    c, r, ties = best_worst(rewards, group)
+    assert c.tolist() == [1, 3, 6] and r.tolist() == [0, 4, 5] and ties == 1
+
+
+def test_pairs_two_samples_the_rule_picks_one_and_a_tie_is_broken_or_dropped():
+    from rlflow.nodes.filter import pairs
+
+    # n = 2 (the paper): group 0 prefers its second sample; group 1 ties (both wrong)
+    cols = {"rewards": torch.tensor([0.0, 1.0, 0.0, 0.0]), "group": torch.tensor([0, 0, 1, 1])}
+    kept = pairs(cols)
+    assert kept.keep.tolist() == [1, 0, 2, 3] and kept.columns["chosen"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert kept.metrics == {"filter/pairs": 2.0, "filter/ties_broken": 1.0}
+    kept = pairs(cols, ties="drop")
+    assert kept.keep.tolist() == [1, 0] and kept.metrics == {"filter/pairs": 1.0, "filter/ties_dropped": 1.0}
+
+
+def test_correct_keeps_the_rows_above_the_threshold():
+    from rlflow.nodes.filter import correct
+
+    kept = correct({"rewards": torch.tensor([1.0, 0.0, 0.5, 0.51, -1.0])})
+    assert kept.keep.tolist() == [True, False, False, True, False]  # > 0.5, strictly
+    assert kept.metrics["filter/keep_frac"] == pytest.approx(0.4)
+    kept = correct({"acc": torch.tensor([1.0, -1.0])}, metric="acc", threshold=0.0)  # a ±1 rule
+    assert kept.keep.tolist() == [True, False]
 
 
 def test_first_groups_truncates_to_whole_groups():

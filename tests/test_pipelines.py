@@ -46,6 +46,9 @@ LEARNING = {
     "rloo": ("eval/accuracy", 15), "reinforce_pp": ("eval/accuracy", 15), "remax": ("eval/accuracy", 15),
     "ppo": ("eval/accuracy", 15), "vc_ppo": ("eval/accuracy", 15), "vapo": ("eval/accuracy", 15),
     "dpo": ("eval/preference_accuracy", 5), "online_dpo": ("eval/accuracy", 15), "grpo_lora": ("eval/accuracy", 15),
+    "gspo": ("eval/accuracy", 15), "cispo": ("eval/accuracy", 15), "sapo": ("eval/accuracy", 15),
+    "reinforce_pp_baseline": ("eval/accuracy", 15), "opo": ("eval/accuracy", 15), "gpg": ("eval/accuracy", 15),
+    "rft": ("eval/accuracy", 15), "online_rft": ("eval/accuracy", 15),
 }
 
 
@@ -64,7 +67,8 @@ def test_pipeline_learns(name, tmp_path):
     if name in ("dpo", "online_dpo"):  # both the preference ranking and the task itself improve
         for k in ("eval/accuracy", "eval/preference_accuracy"):
             assert s["eval_after"][k] > s["eval_before"][k], k
-    assert s["reward/end"] is None or s["reward/end"] > s["reward/start"]
+    if name != "rft":  # rft's samples (and so its rewards) come from a frozen copy: they do not move
+        assert s["reward/end"] is None or s["reward/end"] > s["reward/start"]
 
 
 @pytest.mark.parametrize("path", PIPES, ids=[p.stem for p in PIPES])

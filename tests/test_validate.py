@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from rlflow import Advantage, Loss, Pipeline
 from rlflow.cli import main
 from rlflow.graph import build
 from rlflow.loader import UserError, apply_overrides, load_pipeline
@@ -121,3 +122,69 @@ def test_validate_imports_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# --- settings that do nothing: warnings (the pipeline still runs) ------------------------------
+
+
+def warnings_of(pipeline):
+    return {(p.code, p.node, p.field): p for p in build(pipeline).warnings}
+
+
+def shipped(name, *sets):
+    return apply_overrides(load_pipeline(REPO / "pipelines" / f"{name}.py"), list(sets))
+
+
+def test_a_clip_that_cannot_bind_is_a_warning():
+    # one optimizer step per batch on the policy's own samples: ρ = 1, the clip never binds
+    w = warnings_of(shipped("grpo"))
+    assert ("RF016", "loss", "variant") in w and "ρ is 1" in w["RF016", "loss", "variant"].line()
+    assert "dual-clip" in warnings_of(shipped("grpo", "loss.dual_clip=3.0"))["RF016", "loss", "variant"].line()
+    assert warnings_of(shipped("grpo", "pipeline.mini_batches=2")) == {}
+    assert warnings_of(shipped("grpo", "pipeline.ppo_epochs=2")) == {}
+    for name in ("gspo", "cispo", "sapo", "dapo", "reinforce_pp", "ppo"):  # several updates per batch
+        assert not [k for k in warnings_of(shipped(name)) if k[0] == "RF016"], name
+    # bf16 sampling log-probs differ from the training forward: ρ ≠ 1, no warning, unless recomputed
+    assert warnings_of(shipped("grpo", "actor.precision=bf16")) == {}
+    assert ("RF016", "loss", "variant") in warnings_of(shipped("grpo", "actor.precision=bf16", "generate.recompute_logprobs=true"))
+
+
+def test_the_clip_of_samples_from_another_model_is_not_inert():
+    # samples of a frozen model: ρ = π_θ/π_sampler is not 1 even at the first step
+    p = shipped("rft")
+    q = p.model_copy(update={"nodes": [*p.nodes[:2], Advantage("group_norm"), Loss("clip", model="actor")]})
+    assert not [k for k in warnings_of(q) if k[0] == "RF016"]
+
+
+def test_a_kl_estimator_or_target_without_a_coefficient_is_a_warning():
+    w = warnings_of(shipped("grpo", "loss.kl_coef=0", "loss.kl=k2", "pipeline.mini_batches=2"))
+    assert sorted(w) == [("RF010", "ref_logprob", "ref_logprobs"), ("RF017", "loss", "kl")]  # ref_logprobs unread now
+    assert "kl_coef is 0" in w["RF017", "loss", "kl"].line()
+    w = warnings_of(shipped("grpo", "loss.kl_coef=0", "loss.kl_target=1.0", "pipeline.mini_batches=2"))
+    assert ("RF017", "loss", "kl_target") in w and ("RF017", "loss", "kl") not in w
+    w = warnings_of(shipped("sft", "loss.kl_target=1.0"))
+    assert "has no KL penalty" in w["RF017", "loss", "kl_target"].line()
+    assert warnings_of(shipped("grpo", "loss.kl_target=1.0", "pipeline.mini_batches=2")) == {}  # β starts at 0.04
+    w = warnings_of(shipped("grpo", "loss.kl_horizon=500", "pipeline.mini_batches=2"))
+    assert list(w) == [("RF017", "loss", "kl_horizon")] and "without kl_target" in w["RF017", "loss", "kl_horizon"].line()
+    # the default estimator next to a zero coefficient is not a choice; a config read back is not either
+    ppo = shipped("ppo")
+    assert warnings_of(ppo) == {} and warnings_of(Pipeline.from_config(ppo.to_config())) == {}
+
+
+def test_lam_beside_length_alpha_and_lambda_critic_is_a_warning():
+    assert warnings_of(shipped("vapo")) == {}
+    w = warnings_of(shipped("vapo", "advantage.lam=0.9"))
+    assert list(w) == [("RF018", "advantage", "lam")]
+    p = shipped("vapo")
+    by_hand = Advantage("gae", lam=0.95, lambda_critic=1.0, length_alpha=1.0)  # the default, but written down
+    q = p.model_copy(update={"nodes": [by_hand if n.kind == "advantage" else n for n in p.nodes]})
+    assert list(warnings_of(q)) == [("RF018", "advantage", "lam")]
+    assert warnings_of(Pipeline.from_config(q.to_config())) == {}  # a config has every field: only values count
+    assert warnings_of(shipped("vapo", "advantage.lambda_critic=null")) == {}  # lam is then λ_critic
+
+
+def test_validate_prints_warnings_and_exits_0(capsys):
+    assert main(["validate", str(REPO / "pipelines" / "grpo.py")]) == 0
+    out = capsys.readouterr().out
+    assert "1 warning(s)" in out and "RF016 warning" in out
