@@ -12,14 +12,14 @@ prompt (ReMax), repeated on each of the prompt's rows.
 from __future__ import annotations
 
 from rlflow.lazy import no_grad
-from rlflow.node import Context, ModelRunner, runner
+from rlflow.node import Context, ModelRunner, layout, runner
 
 
 @runner("generate")
 class GenerateRunner(ModelRunner):
     @no_grad
     def run(self, batch, ctx: Context):
-        from rlflow.forward import decode, response_logprobs, sample
+        from rlflow.forward import decode, response_logprobs, sample, sampled_positions
 
         s = self.spec
         worker = self.worker(ctx)
@@ -32,15 +32,20 @@ class GenerateRunner(ModelRunner):
         rows["response_ids"] = out.response_ids
         rows["response_mask"] = out.response_mask
         rows["old_logprobs"] = out.logprobs
+        if ctx.positions is not None:
+            ctx.positions.add(*sampled_positions(rows["prompt_mask"], out.response_mask))
         if s.recompute_logprobs:  # the trainer's own forward, as verl and TRL do (ALGORITHMS.md §0.1)
             rows["old_logprobs"] = response_logprobs(worker.engine, rows["prompt_ids"], rows["prompt_mask"],
-                                                     out.response_ids, out.response_mask, temperature=s.temperature)
+                                                     out.response_ids, out.response_mask, temperature=s.temperature,
+                                                     **layout(worker, ctx))
         rows["truncated"] = out.truncated
         rows["response"] = decode(tok, out.response_ids, out.response_mask)
         if s.greedy_baseline:
             g = sample(worker.module, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=s.max_new_tokens,
                        greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             texts = decode(tok, g.response_ids, g.response_mask)
+            if ctx.positions is not None:
+                ctx.positions.add(*sampled_positions(batch["prompt_mask"], g.response_mask))
             rows["greedy_response_ids"] = g.response_ids.repeat_interleave(s.n, 0)
             rows["greedy_response_mask"] = g.response_mask.repeat_interleave(s.n, 0)
             rows["greedy_response"] = [t for t in texts for _ in range(s.n)]

@@ -668,23 +668,26 @@ class LossRunner(ModelRunner):
         t = self.variant.fn(self._cols(cols), counts, **self.params)
         return LossTerm(self.spec.coef * t.loss, t.metrics)
 
-    def outputs(self, worker, micro, needs: set[str]) -> dict[str, torch.Tensor]:
+    def outputs(self, worker, micro, needs: set[str], positions=None) -> dict[str, torch.Tensor]:
         """One forward of ``worker`` on a micro-batch, with grad: every output in ``needs``
         (the :attr:`needs` of every term on this model). Entropy comes from the same
-        forward as the log-probs; it carries gradient if any term asks "entropy_grad"."""
+        forward as the log-probs; it carries gradient if any term asks "entropy_grad".
+        The batch is packed without padding unless the model says ``padding_free=False``;
+        ``positions`` (rlflow.packing.Positions) counts what the forward computed."""
         from rlflow.forward import response_logprobs, response_logprobs_and_entropy, response_values, sequence_scores
 
         wanted = {part for need in needs for part in need.split("+")}
         args = (micro["prompt_ids"], micro["prompt_mask"], micro["response_ids"], micro["response_mask"])
         temperature = self.spec.temperature or 1.0
+        kw = {"padding_free": worker.spec.padding_free, "positions": positions}
         out: dict[str, torch.Tensor] = {}
         if wanted & {"entropy", "entropy_grad"}:
             out["logprobs"], out["entropy"] = response_logprobs_and_entropy(
-                worker.engine, *args, temperature=temperature, entropy_grad="entropy_grad" in wanted)
+                worker.engine, *args, temperature=temperature, entropy_grad="entropy_grad" in wanted, **kw)
         elif "logprobs" in wanted:
-            out["logprobs"] = response_logprobs(worker.engine, *args, temperature=temperature)
+            out["logprobs"] = response_logprobs(worker.engine, *args, temperature=temperature, **kw)
         if "values" in wanted:
-            out["new_values"] = response_values(worker.engine, *args)
+            out["new_values"] = response_values(worker.engine, *args, **kw)
         if "scores" in wanted:
-            out["scores"] = sequence_scores(worker.engine, *args)
+            out["scores"] = sequence_scores(worker.engine, *args, **kw)
         return out

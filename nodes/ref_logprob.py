@@ -7,7 +7,7 @@ resolved from the Generate node when the graph is built), 0 on padding: [B, T].
 from __future__ import annotations
 
 from rlflow.lazy import no_grad
-from rlflow.node import Context, ModelRunner, runner
+from rlflow.node import Context, ModelRunner, layout, runner
 
 
 @runner("ref_logprob")
@@ -17,6 +17,8 @@ class RefLogprobRunner(ModelRunner):
         from rlflow.forward import response_logprobs
 
         b = self.inputs(batch, ctx)
-        b["ref_logprobs"] = response_logprobs(self.worker(ctx).engine, b["prompt_ids"], b["prompt_mask"], b["response_ids"],
-                                              b["response_mask"], temperature=self.spec.temperature or 1.0)
+        worker = self.worker(ctx)
+        b["ref_logprobs"] = response_logprobs(worker.engine, b["prompt_ids"], b["prompt_mask"], b["response_ids"],
+                                              b["response_mask"], temperature=self.spec.temperature or 1.0,
+                                              **layout(worker, ctx))
         return {}

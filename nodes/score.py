@@ -18,7 +18,7 @@ multiplied by ``overlong_penalty`` and added to R.
 from __future__ import annotations
 
 from rlflow.lazy import torch
-from rlflow.node import Context, NodeRunner, runner
+from rlflow.node import Context, NodeRunner, layout, runner
 from rlflow.rules import RewardRuleError, RulePool, score_in_process
 
 __all__ = ["RewardRuleError", "ScoreRunner", "apply_rule", "overlong_penalty"]
@@ -82,7 +82,8 @@ class ScoreRunner(NodeRunner):
             worker = ctx.workers[s.model]
             b = batch.to(worker.device)
             with torch.no_grad():
-                rm = sequence_scores(worker.engine, b["prompt_ids"], b["prompt_mask"], b[ids_col], b[mask_col])
+                rm = sequence_scores(worker.engine, b["prompt_ids"], b["prompt_mask"], b[ids_col], b[mask_col],
+                                     **layout(worker, ctx))
             metrics[f"{prefix}/model"] = float(rm.mean())
             total += rm.float().to(total.device)
         if s.overlong_buffer:

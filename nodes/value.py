@@ -7,7 +7,7 @@ response token t (verl slices the critic output ``[-T-1:-1]``). 0 on padding: [B
 from __future__ import annotations
 
 from rlflow.lazy import no_grad
-from rlflow.node import Context, ModelRunner, runner
+from rlflow.node import Context, ModelRunner, layout, runner
 
 
 @runner("value")
@@ -17,7 +17,9 @@ class ValueRunner(ModelRunner):
         from rlflow.forward import response_values
 
         b = self.inputs(batch, ctx)
-        v = response_values(self.worker(ctx).engine, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"])
+        worker = self.worker(ctx)
+        v = response_values(worker.engine, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"],
+                            **layout(worker, ctx))
         b["values"] = v
         m = b["response_mask"]
         return {"values/mean": float((v * m).sum() / m.sum().clamp(min=1))}

@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +37,7 @@ from rlflow.evaluation import Evaluator
 from rlflow.graph import PipelineGraph
 from rlflow.models import Worker, place
 from rlflow.node import RUNNERS, Context
+from rlflow.packing import Positions
 from rlflow.records import Records, Timings, step_record, tokens, write_json
 from rlflow.spec import Pipeline
 
@@ -326,10 +327,11 @@ class Run:
 
     def _run_node(self, r, batch: Batch, times: Timings, metrics: dict[str, float]) -> Batch:
         t0 = time.perf_counter()
-        out = r.run(batch, self.ctx)
+        ctx = replace(self.ctx, positions=Positions())  # this run's own count of computed positions
+        out = r.run(batch, ctx)
         batch, m = out if isinstance(out, tuple) else (batch, out)  # a node may replace the batch
         n_tokens = tokens(batch) if r.spec.model_refs() else 0  # tokens a model read
-        times.add(r.spec.name, time.perf_counter() - t0, len(batch), n_tokens)
+        times.add(r.spec.name, time.perf_counter() - t0, len(batch), n_tokens, ctx.positions)
         metrics.update(m or {})
         return batch
 
@@ -356,15 +358,16 @@ class Run:
             shuffled = batch.shuffle_groups(self.generator) if (p.mini_batches > 1 or p.ppo_epochs > 1) else batch
             for mini in shuffled.chunk(parts):
                 for model, runners in by_model.items():
-                    t0 = time.perf_counter()
-                    for k, v in self._train_model(self.workers[model], runners, mini).items():
+                    t0, positions = time.perf_counter(), Positions()
+                    for k, v in self._train_model(self.workers[model], runners, mini, positions).items():
                         sums.setdefault(k, []).append(v)
-                    times.add("+".join(r.spec.name for r in runners), time.perf_counter() - t0, len(mini), tokens(mini))
+                    times.add("+".join(r.spec.name for r in runners), time.perf_counter() - t0, len(mini), tokens(mini),
+                              positions)
         out = {k: sum(v) / len(v) for k, v in sums.items()}
         out.update({f"lr/{model}": self.workers[model].lr() for model in by_model})
         return out
 
-    def _train_model(self, worker: Worker, runners: list, mini: Batch) -> dict[str, float]:
+    def _train_model(self, worker: Worker, runners: list, mini: Batch, positions: Optional[Positions] = None) -> dict[str, float]:
         """One optimizer step of ``worker`` on a mini-batch: gradients accumulated over its
         micro-batches; each term's denominators are the whole mini-batch's. A non-finite loss
         on any rank (or a non-finite gradient norm) skips the step on every rank."""
@@ -375,7 +378,7 @@ class Run:
         bad = False
         for i, micro in enumerate(micros):
             micro = runners[0].inputs(micro, self.ctx)
-            cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs)}
+            cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs, positions)}
             total = 0.0
             for r, c in zip(runners, counts):
                 term = r.term(cols, c)

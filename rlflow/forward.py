@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+
+from rlflow.packing import Positions
 
 Rule = Callable[[str, dict], float]
 
@@ -248,9 +250,29 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     )
 
 
+def sampled_positions(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
+    """``(computed, useful)`` positions of one :func:`sample` call that produced ``response_mask``:
+    the prefill ``[B, P]``, then one ``[B, 1]`` forward per response column after the first.
+    Useful are the real prompt tokens and every response token but each row's last (which
+    is drawn, never fed); the rest is left padding and rows already done."""
+    rows, width = prompt_mask.shape
+    n_resp = response_mask.shape[1]
+    r = (response_mask > 0).sum(1)
+    useful = int((prompt_mask > 0).sum()) + int((r - 1).clamp(min=0).sum())
+    return rows * width + rows * max(n_resp - 1, 0), useful
+
+
 # ---------------------------------------------------------------------------------------
 # Scoring a given response
 # ---------------------------------------------------------------------------------------
+#
+# Every function below runs one forward over prompt+response. ``padding_free=True`` (the
+# default) packs the batch's real tokens into a few rows (rlflow.packing: no padding
+# inside a sequence, attention confined to each sequence by restarting position ids) and
+# reads the outputs back into the [B, T] layout; ``padding_free=False`` runs the padded
+# [B, P+T] batch as it is. The two compute the same function: they differ by float
+# reassociation only (tested against each other, values and gradients). ``positions``,
+# when given, is told how many positions the forward computed and how many were real.
 
 
 def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
@@ -261,19 +283,73 @@ def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
     return ids, attention, _positions(attention)
 
 
-def _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float) -> torch.Tensor:
-    """``[B, T, V]`` float32 logits / temperature that predict the response tokens: one forward.
+def _unwrapped(model):
+    """The Hugging Face module inside a DeepSpeed engine (or the module itself)."""
+    return getattr(model, "module", model)
 
-    The logits at column ``P+t-1`` predict response token ``t``. Only the last ``T+1``
-    positions' logits are computed when the model accepts ``logits_to_keep``.
-    """
+
+def _hidden_size(inner) -> Optional[int]:
+    config = getattr(inner, "config", None)
+    return getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+
+
+def _useful(prompt_mask: torch.Tensor, response_mask: torch.Tensor, read: str) -> int:
+    """Real tokens a forward must see: prompt + response, less the last response token for
+    ``read="next"`` (it predicts nothing read; a row without a response needs nothing)."""
+    p, r = (prompt_mask > 0).sum(1), (response_mask > 0).sum(1)
+    if read == "next":
+        return int(torch.where(r > 0, p + r - 1, 0).sum())
+    return int((p + r).sum())
+
+
+def _packed_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, read: str, positions):
+    """Final hidden states [R·L, H] of the packed batch (``base_model``, no head) and its layout."""
+    from rlflow.packing import pack
+
+    _check_left_padded(prompt_mask)
+    inner = _unwrapped(model)
+    packed = pack(prompt_ids, prompt_mask, response_ids, response_mask, read=read,
+                  pad_id=int(getattr(inner.config, "pad_token_id", None) or 0), hidden=_hidden_size(inner))
+    if positions is not None:
+        positions.add(packed.computed, packed.useful)
+    hidden = _last_hidden(inner, packed.ids, None, packed.positions)  # [R, L, H]
+    return hidden.reshape(-1, hidden.shape[-1]), packed
+
+
+def _lm_logits(inner, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits from final hidden states: its output embedding (the LM head),
+    then Gemma-2's final soft-capping where the config has one. A model whose forward does
+    more after its head should be run with ``padding_free=False``."""
+    logits = inner.get_output_embeddings()(hidden)
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float,
+                     padding_free: bool, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits / temperature [M, V] float32, valid [B, T])``: the logits that predict each of
+    the M response tokens (column ``P+t-1`` predicts token ``t``), in row-major order of
+    ``valid``. Padded: only the last ``T+1`` positions' logits are computed when the model
+    accepts ``logits_to_keep``; padding-free: only the M rows of the LM head are."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    if padding_free:
+        hidden, packed = _packed_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, "next", positions)
+        logits = _lm_logits(_unwrapped(model), hidden[packed.index[packed.valid]])  # [M, V]
+        return logits.float() / temperature, packed.valid
+    ids, attention, pos = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    if positions is not None:
+        positions.add(ids.numel(), _useful(prompt_mask, response_mask, "next"))
     n_resp = response_ids.shape[1]
     extra = {"logits_to_keep": n_resp + 1} if "logits_to_keep" in _forward_params(model) else {}
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, **extra)
-    return out.logits[:, -(n_resp + 1) : -1, :].float() / temperature  # [B, T, V]
+    out = model(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=False, **extra)
+    valid = response_mask > 0
+    return out.logits[:, -(n_resp + 1) : -1, :][valid].float() / temperature, valid  # [M, V]
+
+
+def _to_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-token values [M] back to the [B, T] layout, 0 where ``valid`` is False (with grad)."""
+    return torch.zeros(valid.shape, dtype=values.dtype, device=values.device).masked_scatter(valid, values)
 
 
 def response_logprobs(
@@ -284,18 +360,20 @@ def response_logprobs(
     response_mask: torch.Tensor,
     *,
     temperature: float = 1.0,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> torch.Tensor:
     """``[B, T]`` log-probs of the response tokens under ``model``, 0 on padding.
 
     One forward over prompt+response; the logits at column ``P+t-1`` predict response
     token ``t``; they are divided by ``temperature`` and the token's log-prob is taken as
-    ``logit - logsumexp(logits)`` (no ``[B, T, V]`` log-softmax). Only the last ``T+1``
-    positions' logits are computed when the model accepts ``logits_to_keep``. Carries
-    gradient when called with grad enabled; returns float32 whatever the model dtype.
+    ``logit - logsumexp(logits)`` (no ``[B, T, V]`` log-softmax). Only the response
+    positions' logits are computed (see ``_response_logits``). Carries gradient when
+    called with grad enabled; returns float32 whatever the model dtype.
     """
-    logits = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)  # [B, T, V]
-    lp = _token_logprob(logits, response_ids)  # [B, T]
-    return torch.where(response_mask > 0, lp, 0.0)
+    logits, valid = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature,
+                                     padding_free, positions)  # [M, V]
+    return _to_rows(_token_logprob(logits, response_ids[valid]), valid)
 
 
 def token_entropy(scaled_logits: torch.Tensor) -> torch.Tensor:
@@ -316,6 +394,8 @@ def response_logprobs_and_entropy(
     *,
     temperature: float = 1.0,
     entropy_grad: bool = False,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, T] log-probs, [B, T] entropies)`` of the response tokens from ONE forward.
 
@@ -328,10 +408,11 @@ def response_logprobs_and_entropy(
     ``[B, T, V]`` tensor is kept for the backward pass. ``entropy_grad=True`` lets it carry
     gradient (an entropy bonus in the loss); the softmax is then kept for backward.
     """
-    logits = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)  # [B, T, V]
-    lp = torch.where(response_mask > 0, _token_logprob(logits, response_ids), 0.0)  # [B, T]
+    logits, valid = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature,
+                                     padding_free, positions)  # [M, V]
+    lp = _to_rows(_token_logprob(logits, response_ids[valid]), valid)  # [B, T]
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = torch.where(response_mask > 0, token_entropy(logits), 0.0)  # [B, T]
+        entropy = _to_rows(token_entropy(logits), valid)  # [B, T]
     return lp, entropy
 
 
@@ -340,7 +421,8 @@ def _last_hidden(model, ids, attention, positions) -> torch.Tensor:
 
     ``model.base_model`` is the transformer without the LM head (``model.model`` for
     Llama, ``model.transformer`` for GPT-2); its ``last_hidden_state`` is exactly what
-    the LM head reads, so no logits are computed. A bare base model works too.
+    the LM head reads, so no logits are computed. A bare base model works too. With no
+    ``attention`` mask and restarting ``positions`` the rows are packed sequences.
     """
     base = getattr(model, "base_model", model)
     out = base(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
@@ -353,6 +435,9 @@ def last_token_hidden_state(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    *,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> torch.Tensor:
     """``[B, H]`` hidden state at the last valid response token, after it is read.
 
@@ -361,8 +446,13 @@ def last_token_hidden_state(
     with an empty response falls back to the last prompt token. Read from
     ``model.base_model`` (see ``_last_hidden``).
     """
-    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
-    hidden = _last_hidden(model, ids, attention, positions)  # [B, P+T, H]
+    if padding_free:
+        hidden, packed = _packed_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, "last", positions)
+        return hidden[packed.index]  # [B, H]
+    ids, attention, pos = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    if positions is not None:
+        positions.add(ids.numel(), _useful(prompt_mask, response_mask, "last"))
+    hidden = _last_hidden(_unwrapped(model), ids, attention, pos)  # [B, P+T, H]
     last = prompt_ids.shape[1] + (response_mask > 0).sum(dim=1) - 1  # [B]
     index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
     return hidden.gather(1, index).squeeze(1)
@@ -425,22 +515,40 @@ def greedy_accuracy(
 # ---------------------------------------------------------------------------------------
 
 
+def _scalar_head(inner):
+    """The scalar head of a token- or sequence-classification model (``score`` or ``classifier``)."""
+    return getattr(inner, "score", None) or getattr(inner, "classifier", None)
+
+
 def response_values(
     model,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    *,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> torch.Tensor:
     """``[B, T]`` critic values V(s_t) for a token-classification model with one label.
 
     The model's scalar output at column ``P+t-1`` (the state each response token is
     chosen from, ALGORITHMS.md §0.1), 0 on padding, float32. Carries gradient when grad
-    is enabled. ``model`` may be wrapped (a DeepSpeed engine): it is simply called.
+    is enabled. ``model`` may be wrapped (a DeepSpeed engine). Padding-free, the head
+    (``score`` or ``classifier``; dropout is off in rlflow) is applied to the base model's
+    hidden states at those positions only.
     """
-    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    inner = _unwrapped(model)
+    head = _scalar_head(inner)
+    if padding_free and head is not None:
+        hidden, packed = _packed_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, "next", positions)
+        values = head(hidden[packed.index[packed.valid]]).squeeze(-1).float()  # [M]
+        return _to_rows(values, packed.valid)
+    ids, attention, pos = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    if positions is not None:
+        positions.add(ids[:, :-1].numel(), _useful(prompt_mask, response_mask, "next"))
     n_resp = response_ids.shape[1]
-    out = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1])
+    out = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=pos[:, :-1])
     values = out.logits[:, -n_resp:, 0].float()  # [B, T]: columns P-1 .. P+T-2
     return torch.where(response_mask > 0, values, 0.0)
 
@@ -451,6 +559,9 @@ def sequence_scores(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    *,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> torch.Tensor:
     """``[B]`` reward-model scores.
 
@@ -461,12 +572,13 @@ def sequence_scores(
     A causal LM (a likelihood reward model, ``Model(..., reward_from="likelihood")``): the
     summed log-prob of the response, log π(y|x).
     """
-    inner = getattr(model, "module", model)  # unwrap a DeepSpeed engine
-    head = getattr(inner, "score", None) or getattr(inner, "classifier", None)
+    inner = _unwrapped(model)
+    head = _scalar_head(inner)
+    kw = {"padding_free": padding_free, "positions": positions}
     if head is None:
         if getattr(inner, "get_output_embeddings", lambda: None)() is not None:
-            return response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask).sum(-1)
+            return response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, **kw).sum(-1)
         raise ValueError(f"{type(inner).__name__} has no `score` or `classifier` head and is not a causal LM; "
                          "a reward model must be one of them")
-    hidden = last_token_hidden_state(inner, prompt_ids, prompt_mask, response_ids, response_mask)  # [B, H]
+    hidden = last_token_hidden_state(inner, prompt_ids, prompt_mask, response_ids, response_mask, **kw)  # [B, H]
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()

@@ -23,6 +23,7 @@ class Context:
     generator: Any  # torch.Generator owned by the engine (saved in checkpoints)
     step: int = 0
     rule_pool: Any = None  # rlflow.rules.RulePool of the run: reward rules run in its worker processes
+    positions: Any = None  # rlflow.packing.Positions of this node run: what its forwards computed (set by the engine)
 
 
 RUNNERS: Registry[type] = Registry("node runner")
@@ -56,3 +57,9 @@ class ModelRunner(NodeRunner):
     def inputs(self, batch, ctx: Context):
         """``batch`` with every tensor on the model's device (the same batch when already there)."""
         return batch.to(self.worker(ctx).device)
+
+
+def layout(worker, ctx: Context) -> dict[str, Any]:
+    """Keywords of the scoring functions of ``rlflow.forward`` for ``worker``'s model in this
+    node run: its layout (``Model.padding_free``) and the run's position count."""
+    return {"padding_free": worker.spec.padding_free, "positions": ctx.positions}

@@ -20,25 +20,38 @@ REWARD_WINDOW_SHARE = 5  # ... and at most a fifth of the run
 
 @dataclass
 class NodeTime:
+    """A node's work in one step. ``positions`` are the token positions its model forwards
+    computed, ``useful`` those that held a real token (rlflow.packing.Positions); a node
+    that runs no model has none."""
+
     seconds: float = 0.0
     rows: int = 0
     tokens: int = 0
+    positions: int = 0
+    useful: int = 0
 
-    def add(self, seconds: float, rows: int, tokens: int) -> None:
+    def add(self, seconds: float, rows: int, tokens: int, positions=None) -> None:
         self.seconds += seconds
         self.rows += rows
         self.tokens += tokens
+        if positions is not None:
+            self.positions += positions.computed
+            self.useful += positions.useful
 
     def as_dict(self) -> dict[str, float]:
-        return {"seconds": round(self.seconds, 6), "rows": self.rows, "tokens": self.tokens,
-                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
+        out = {"seconds": round(self.seconds, 6), "rows": self.rows, "tokens": self.tokens,
+               "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
+        if self.positions:
+            out.update(positions=self.positions, useful_positions=self.useful,
+                       padding_frac=round(1.0 - self.useful / self.positions, 4))
+        return out
 
 
 class Timings(dict):
     """Node name -> :class:`NodeTime` for one step."""
 
-    def add(self, key: str, seconds: float, rows: int, tokens: int) -> None:
-        self.setdefault(key, NodeTime()).add(seconds, rows, tokens)
+    def add(self, key: str, seconds: float, rows: int, tokens: int, positions=None) -> None:
+        self.setdefault(key, NodeTime()).add(seconds, rows, tokens, positions)
 
 
 def tokens(batch) -> int:

@@ -118,6 +118,9 @@ class Model(Spec):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     offload: bool = False
     micro_batch_size: Optional[int] = Field(None, ge=1, description="rows per forward/backward; None = whole mini-batch")
+    padding_free: bool = Field(True, description="score and train on the batch's sequences packed without padding "
+                               "(rlflow.packing); False: the padded [B, P+T] batch, e.g. for a model whose attention "
+                               "ignores restarting position ids")
 
     def __init__(self, path: Optional[str] = None, /, **kw: Any):
         if path is not None:

@@ -141,7 +141,7 @@ def test_logprobs_and_entropy_from_one_forward_padded_and_gradient():
     ids, mask = left_pad(PROMPTS * 4)
     args = (model, ids, mask, out.response_ids, out.response_mask)
     calls = []
-    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    handle = model.base_model.register_forward_hook(lambda *a: calls.append(1))  # the transformer, head or not
     lp, ent = response_logprobs_and_entropy(*args, temperature=0.7)
     handle.remove()
     assert len(calls) == 1  # one forward for both
