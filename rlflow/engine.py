@@ -29,13 +29,13 @@ from typing import Any, Optional
 
 import torch
 
-from rlflow import checkpoint, dist, rundir
+from rlflow import checkpoint, dist, perf, rundir
 from rlflow.batch import Batch
 from rlflow.checkpoint import ResumeError  # noqa: F401  (re-exported for the CLI)
 from rlflow.data import DataStream
 from rlflow.evaluation import Evaluator
 from rlflow.graph import PipelineGraph
-from rlflow.models import Worker, place
+from rlflow.models import Worker, compute_dtype, place
 from rlflow.node import RUNNERS, Context
 from rlflow.packing import Positions
 from rlflow.records import Records, Timings, step_record, tokens, write_json
@@ -133,6 +133,7 @@ class Run:
         self.ctx = Context(workers=self.workers, generator=self.generator, rule_pool=self._rule_pool())
         self.records = Records(self.out_dir, writer=dist.rank() == 0)
         self.evaluator = Evaluator(p, self.workers, self.policy, self.tokenizer)
+        self.costs = perf.node_costs(p, self.workers, lambda w: compute_dtype(w.spec))  # peak probed once per machine
         self.observer.start(self)
 
     def _rule_pool(self):
@@ -227,7 +228,16 @@ class Run:
             else:
                 self._rescue(step - 1, rng_before)
             raise
-        return step_record(step, batch, times, metrics, time.perf_counter() - t0), batch
+        seconds = time.perf_counter() - t0
+        record = step_record(step, batch, times, metrics, seconds)
+        record.update(self._perf(batch, times, seconds))
+        return record, batch
+
+    def _perf(self, batch: Batch, times: Timings, seconds: float) -> dict[str, float]:
+        """timing_s/*, perf/* (throughput, MFU per model, peak memory) and padding_frac/* of a step."""
+        real = sum(int(batch[c].sum()) for c in ("prompt_mask", "response_mask") if c in batch and len(batch))
+        device = next((w.device for w in self.workers.values()), None)
+        return {**perf.step_figures(times, seconds, real, self.costs, dist.world_size()), **perf.memory(device)}
 
     # --- stopping: signals and non-finite updates -------------------------------------------
     @contextmanager

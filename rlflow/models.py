@@ -172,6 +172,11 @@ def _dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def compute_dtype(spec: Model):
+    """The dtype a model's matmuls run in (its ``precision``): the peak its MFU is measured against."""
+    return _dtype(spec.precision)
+
+
 def _quiet_transformers() -> None:
     """No per-file progress bars from transformers while loading and saving."""
     from transformers.utils import logging as hf_logging
