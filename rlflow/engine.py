@@ -22,7 +22,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -338,12 +338,21 @@ class Run:
     def _run_node(self, r, batch: Batch, times: Timings, metrics: dict[str, float]) -> Batch:
         t0 = time.perf_counter()
         ctx = replace(self.ctx, positions=Positions())  # this run's own count of computed positions
-        out = r.run(batch, ctx)
+        with self._autocast(r.spec):
+            out = r.run(batch, ctx)
         batch, m = out if isinstance(out, tuple) else (batch, out)  # a node may replace the batch
         n_tokens = tokens(batch) if r.spec.model_refs() else 0  # tokens a model read
         times.add(r.spec.name, time.perf_counter() - t0, len(batch), n_tokens, ctx.positions)
         metrics.update(m or {})
         return batch
+
+    def _autocast(self, spec):
+        """The autocast contexts of the models a node runs (Model precision, ``Worker.autocast``)."""
+        stack = ExitStack()
+        for name in spec.model_refs().values():
+            if name in self.workers:
+                stack.enter_context(self.workers[name].autocast())
+        return stack
 
     # --- update ------------------------------------------------------------------------------
     def _loss_runners(self) -> dict[str, list]:
@@ -388,7 +397,8 @@ class Run:
         bad = False
         for i, micro in enumerate(micros):
             micro = runners[0].inputs(micro, self.ctx)
-            cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs, positions)}
+            with worker.autocast():  # the forward only; the loss maths and the backward run outside it
+                cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs, positions)}
             total = 0.0
             for r, c in zip(runners, counts):
                 term = r.term(cols, c)

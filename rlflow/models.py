@@ -177,6 +177,24 @@ def compute_dtype(spec: Model):
     return _dtype(spec.precision)
 
 
+def autocast_dtype(spec: Model):
+    """The autocast dtype of a model that keeps fp32 weights and computes in lower precision, or None.
+
+    ``precision="bf16"`` on a CPU (no CUDA) is autocast: the weights, the optimizer and its
+    master copy stay fp32 and the matmuls run in bf16 (AVX512-BF16 / AMX) inside
+    ``torch.autocast``, with norms, softmax and log-probs in fp32. On a GPU, bf16 is
+    DeepSpeed's: bf16 weights, fp32 master weights in the optimizer.
+    """
+    import torch
+
+    return torch.bfloat16 if spec.precision == "bf16" and not torch.cuda.is_available() else None
+
+
+def _weight_dtype(spec: Model):
+    """The dtype the weights are loaded and kept in: fp32 under autocast, else the precision's."""
+    return _dtype("fp32" if autocast_dtype(spec) is not None else spec.precision)
+
+
 def _quiet_transformers() -> None:
     """No per-file progress bars from transformers while loading and saving."""
     from transformers.utils import logging as hf_logging
@@ -201,7 +219,7 @@ def load_module(spec: Model, path: str):
     """The bare Hugging Face module for ``spec.head``: causal LM, token values, or sequence score."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    kw: dict[str, Any] = {"dtype": _dtype(spec.precision)}
+    kw: dict[str, Any] = {"dtype": _weight_dtype(spec)}
     try:
         if spec.head == "lm" or (spec.head == "reward" and spec.reward_from == "likelihood"):
             return AutoModelForCausalLM.from_pretrained(path, **kw)
@@ -229,8 +247,8 @@ def disable_dropout(module) -> None:
 
 
 def _clips_itself(spec: Model) -> bool:
-    """Whether the worker (not DeepSpeed) clips gradients: plain fp32 ZeRO-0 only."""
-    return spec.zero_stage == 0 and spec.precision == "fp32"
+    """Whether the worker (not DeepSpeed) clips gradients: plain fp32 weights under ZeRO-0 only."""
+    return spec.zero_stage == 0 and _weight_dtype(spec) == _dtype("fp32")
 
 
 @dataclass
@@ -295,6 +313,16 @@ class Worker:
     def lr(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
+    def autocast(self):
+        """The context the model's forwards run in: ``torch.autocast`` when its precision is
+        autocast on this machine (:func:`autocast_dtype`), else a no-op."""
+        import contextlib
+
+        import torch
+
+        dtype = autocast_dtype(self.spec)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def save_pretrained(self, directory: Path) -> None:
         """The model (and tokenizer) as a directory ``from_pretrained`` can load."""
         from rlflow import dist
@@ -331,7 +359,7 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
     if not spec.train:
         module.eval()
         module.requires_grad_(False)
-        engine = deepspeed.init_inference(module, dtype=_dtype(spec.precision), replace_with_kernel_inject=False)
+        engine = deepspeed.init_inference(module, dtype=_weight_dtype(spec), replace_with_kernel_inject=False)
         return Worker(name, spec, engine, engine.module, tokenizer, path)
 
     module.train()
@@ -342,7 +370,7 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
         "train_micro_batch_size_per_gpu": 1,  # the engine splits micro-batches itself
         "gradient_accumulation_steps": 1,  # and marks the accumulation boundary itself
         "zero_optimization": {"stage": spec.zero_stage},
-        "bf16": {"enabled": spec.precision == "bf16"},
+        "bf16": {"enabled": spec.precision == "bf16" and autocast_dtype(spec) is None},  # autocast: fp32 optimizer
         "fp16": {"enabled": spec.precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
