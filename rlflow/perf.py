@@ -73,7 +73,7 @@ def _sync(device: torch.device) -> None:
 def probe(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of the fastest single matmul of ``PROBE_TRIALS`` per size (``PROBE_BUDGET_S`` each)."""
     best = 0.0
-    for size in PROBE_SIZES.get(device.type, PROBE_SIZES["cuda"]):
+    for size in PROBE_SIZES.get(device.type) or PROBE_SIZES["cuda"]:
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
         torch.mm(a, b)  # warm-up: kernels chosen, memory touched
