@@ -5,7 +5,9 @@
 
 Each ``--variant NAME[:key=value,...]`` is the step of ``benchmarks/grpo_step.py`` (16 prompts
 x 8 samples x 16 new tokens, GRPO, fp32) with the actor's ``Model`` settings changed
-(``padding_free``, ``precision``) or the pipeline's (``rollout_ahead``), or with one of the
+(``padding_free``, ``precision``) or the pipeline's (``rollout_ahead``: with the Generate node
+recomputing the old log-probs and the loss's token-level rollout correction;
+``concurrent_nodes``), or with one of the
 engine's optimisations that is not a setting switched off (``fuse_activations=false``: GPT-2's
 five-op GELU kept, see ``rlflow.models.fuse_activations``). All variants
 live in one process and take their steps in turn (the order rotates every step), so a busy
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_step import BETA, NEW_TOKENS, PROMPTS, SAMPLES  # noqa: E402
 
 MODEL_KEYS = {"padding_free", "precision", "micro_batch_size"}
-PIPELINE_KEYS = {"rollout_ahead"}
+PIPELINE_KEYS = {"rollout_ahead", "concurrent_nodes"}
 OFF_SWITCHES = {"fuse_activations"}  # engine optimisations a variant can turn off (benchmark only)
 
 
@@ -72,10 +74,11 @@ def make_run(model: str, model_kw: dict, pipe_kw: dict, steps: int):
     if "fuse_activations" in off:
         rlflow.models.fuse_activations = lambda module: 0
     actor = Model(model, train=True, lr=1e-5, **model_kw)
+    ahead = bool(pipe_kw.get("rollout_ahead"))  # ahead: old log-probs recomputed, the mismatch corrected per token
     p = Pipeline(name="ab", data=Prompts("builtin:arith", batch_size=PROMPTS), models={"actor": actor, "ref": actor.frozen()},
-                 nodes=[Generate("actor", n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0), Score(rule=exact_match),
-                        RefLogprob("ref"), Advantage("group_norm"),
-                        Loss("clip", kl_coef=BETA, kl="k3", agg="seq-mean-token-mean")],
+                 nodes=[Generate("actor", n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0, recompute_logprobs=ahead),
+                        Score(rule=exact_match), RefLogprob("ref"), Advantage("group_norm"),
+                        Loss("clip", kl_coef=BETA, kl="k3", agg="seq-mean-token-mean", rollout_is="token" if ahead else None)],
                  steps=steps, eval=None, **pipe_kw)
     run = Run(p, build(p), Path(tempfile.mkdtemp(prefix="rlflow-ab-")))
     try:

@@ -108,6 +108,38 @@ def _log_ratio(cols: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return (cols["logprobs"] - cols["old_logprobs"]).clamp(-20.0, 20.0)
 
 
+def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                       level: str, mode: str, low: float, high: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights [B,T] (no grad) for the mismatch between the sampler and the trainer
+    (``LossSpec.rollout_is``), and their metrics.
+
+        log r_t = clamp(lp_old_t - lp_rollout_t, -20, 20)       token level
+        log r_i = clamp(Σ_t (lp_old_t - lp_rollout_t), -20, 20)   sequence level, broadcast to its tokens
+        truncate: w = min(r, high)                     truncated IS (verl rollout_is, TRL's vLLM IS correction)
+        mask:     w = r · 1[low <= r <= high]         IcePop (Ling team 2025): tokens far off-policy drop out
+
+    ``lp_old`` is the trainer's recompute of the behaviour policy (Generate(recompute_logprobs=True)),
+    ``lp_rollout`` the sampler's own log-probs: with a one-step-ahead rollout or a sampler in
+    another precision or engine they differ. Metrics: rollout_is/mean (token mean of w),
+    rollout_is/clipped_frac or rollout_is/masked_frac, and rollout_is/kl (token mean of
+    lp_rollout - lp_old, the k1 estimate of KL(π_rollout || π_old)).
+    """
+    with torch.no_grad():
+        m = mask.to(old_logprobs.dtype)  # [B,T]
+        diff = (old_logprobs - rollout_logprobs) * m  # [B,T]
+        log_r = diff if level == "token" else diff.sum(-1, keepdim=True).expand_as(diff)  # [B,T]
+        r = torch.exp(log_r.clamp(-20.0, 20.0))  # [B,T]
+        if mode == "truncate":
+            w, cut, name = r.clamp(max=high), r > high, "rollout_is/clipped_frac"
+        else:
+            cut = (r < low) | (r > high)
+            w, name = torch.where(cut, 0.0, r), "rollout_is/masked_frac"
+        w = w * m
+        metrics = {"rollout_is/mean": masked_mean(w, mask), name: masked_mean(cut.to(m.dtype), mask),
+                   "rollout_is/kl": masked_mean(-diff, mask)}
+    return w, metrics
+
+
 def _ppo_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """verl's ``ppo_kl``: the masked mean of lp_old - lp (k1 of the old vs the current policy)."""
     return masked_mean(-log_ratio.detach(), mask)
@@ -131,11 +163,15 @@ def _policy_term(
 
     ``metrics`` are the variant's own (ratio, clip or gate fractions, ppo_kl); this adds
     loss/pg, entropy/mean (always), loss/kl and loss/entropy (when on) and kl/mean
-    (whenever ref_logprobs are in the batch).
+    (whenever ref_logprobs are in the batch). When the runner put rollout-correction
+    weights in ``cols`` (``LossSpec.rollout_is``, :func:`rollout_correction`), the policy
+    term is ``w · pg`` per token (verl and TRL weigh the clipped surrogate the same way).
     """
     lp = cols["logprobs"]  # [B,T] grad
     mask = cols["response_mask"]  # [B,T]
     entropy = cols["entropy"]  # [B,T] H(π_θ(·|s_t)); grad only when entropy_coef > 0
+    if "rollout_is_weights" in cols:
+        pg = pg * cols["rollout_is_weights"]  # [B,T] the sampler/trainer mismatch corrected
     per_token = pg
     if kl_coef > 0.0:
         k = kl_estimate(lp, cols["ref_logprobs"], kl)  # [B,T] grad through lp_θ (§0.3 placement 2)
@@ -664,9 +700,17 @@ class LossRunner(ModelRunner):
         return count(mask, mini.get("group"), constant=self.spec.agg_constant or 1.0)
 
     def term(self, cols: Mapping[str, torch.Tensor], counts: Counts) -> LossTerm:
-        """This micro-batch's share of ``coef ·`` the loss, and its metrics."""
-        t = self.variant.fn(self._cols(cols), counts, **self.params)
-        return LossTerm(self.spec.coef * t.loss, t.metrics)
+        """This micro-batch's share of ``coef ·`` the loss, and its metrics (with the rollout
+        correction's weights and metrics when ``rollout_is`` is set)."""
+        cols, extra = self._cols(cols), {}
+        s = self.spec
+        if s.rollout_is:
+            w, extra = rollout_correction(cols["old_logprobs"], cols["rollout_logprobs"], cols["response_mask"],
+                                          level=s.rollout_is, mode=s.rollout_is_mode, low=s.rollout_is_min,
+                                          high=s.rollout_is_max)
+            cols = {**cols, "rollout_is_weights": w}
+        t = self.variant.fn(cols, counts, **self.params)
+        return LossTerm(s.coef * t.loss, {**t.metrics, **(_floats(extra) if extra else {})})
 
     def outputs(self, worker, micro, needs: set[str], positions=None) -> dict[str, torch.Tensor]:
         """One forward of ``worker`` on a micro-batch, with grad: every output in ``needs``

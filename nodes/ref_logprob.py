@@ -12,6 +12,8 @@ from rlflow.node import Context, ModelRunner, layout, runner
 
 @runner("ref_logprob")
 class RefLogprobRunner(ModelRunner):
+    concurrency = "thread"  # a forward of its own model: it can run beside the other nodes of its stage
+
     @no_grad
     def run(self, batch, ctx: Context):
         from rlflow.forward import response_logprobs

@@ -46,6 +46,8 @@ class ScoreRunner(NodeRunner):
     """Scores in the run's rule pool, ``ctx.rule_pool`` when the engine provides one;
     otherwise in a pool of its own, started on first use and stopped by ``close()``."""
 
+    concurrency = "main"  # beside the other nodes of its stage, in the main thread (in-process rules are timed by SIGALRM)
+
     def __init__(self, spec):
         super().__init__(spec)
         self._own_pool: RulePool | None = None

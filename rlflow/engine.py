@@ -22,6 +22,7 @@ import random
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,11 +38,13 @@ from rlflow.evaluation import Evaluator
 from rlflow.graph import PipelineGraph
 from rlflow.models import Worker, compute_dtype, place
 from rlflow.node import RUNNERS, Context
+from rlflow.overlap import RolloutAhead, in_thread
 from rlflow.packing import Positions
 from rlflow.records import Records, Timings, step_record, tokens, write_json
 from rlflow.spec import Pipeline
 
 SAMPLER_SEED_STRIDE = 7919  # each rank's sampler is seeded seed + stride * rank
+AHEAD_SEED_OFFSET = 104729  # the one-step-ahead sampler's generator: seed + this (Pipeline.rollout_ahead)
 
 
 class RefillError(RuntimeError):
@@ -131,6 +134,7 @@ class Run:
         self.data = DataStream(p.data, self.tokenizer, seed=p.seed, rank=dist.rank(), world=dist.world_size())
         self.runners = {n.name: RUNNERS[n.kind](n) for n in p.nodes}
         self.ctx = Context(workers=self.workers, generator=self.generator, rule_pool=self._rule_pool())
+        self.ahead = self._rollout_ahead()
         self.records = Records(self.out_dir, writer=dist.rank() == 0)
         self.evaluator = Evaluator(p, self.workers, self.policy, self.tokenizer)
         self.costs = perf.node_costs(p, self.workers, lambda w: compute_dtype(w.spec))  # peak probed once per machine
@@ -147,6 +151,15 @@ class Run:
         pool = RulePool(scores[0].rule_workers, timeout_s=scores[0].rule_timeout_s)
         pool.start()
         return pool
+
+    def _rollout_ahead(self) -> Optional[RolloutAhead]:
+        """The one-step-ahead rollout of ``Pipeline.rollout_ahead`` (one process only, for now)."""
+        if not self.pipeline.rollout_ahead:
+            return None
+        if dist.world_size() > 1:
+            raise ValueError("rollout_ahead=1 runs in a single process for now; set rollout_ahead=0 to run on several")
+        gen = self.graph.generate()
+        return RolloutAhead(self.runners[gen.name], self.workers[gen.model], self.pipeline.seed + AHEAD_SEED_OFFSET)
 
     def _place_models(self) -> None:
         tokenizers: dict[str, Any] = {}
@@ -290,12 +303,12 @@ class Run:
         times, metrics = Timings(), {}
         refilling = [r for r in order if hasattr(r, "refill") and r.refill(self.pipeline.data.batch_size)]
         if not refilling:
-            batch = self.data.next()
-            for r in order:
-                batch = self._run_node(r, batch, times, metrics)
-                if not len(batch):  # a filter kept nothing: nothing more to compute this step
-                    break
-            return batch, times, metrics
+            if self.ahead is not None:
+                batch = self._next_rollout(times, metrics)
+                order = [r for r in order if r is not self.ahead.runner]
+            else:
+                batch = self.data.next()
+            return self._run_stages(order, batch, times, metrics), times, metrics
         f = refilling[0]
         upstream = self.graph.upstream(f.spec.name)
         head = [r for r in order if r.spec.name in upstream]
@@ -335,11 +348,63 @@ class Run:
             metrics["reward/mean"] = sum(rewards) / len(rewards)
         return f.truncate(Batch.cat(kept), plan.target_groups)
 
-    def _run_node(self, r, batch: Batch, times: Timings, metrics: dict[str, float]) -> Batch:
+    def _run_stages(self, order: list, batch: Batch, times: Timings, metrics: dict[str, float]) -> Batch:
+        """The experience runners of ``order``, stage by stage (``graph.stages()``: no path between
+        the nodes of a stage); the nodes of a stage that can run at once (``graph.together``) do,
+        the others one after the other."""
+        for stage in self.graph.stages():
+            group = [r for r in order if r.spec.name in stage]
+            at_once = self.graph.together([r.spec.name for r in group])
+            together = [r for r in group if r.spec.name in at_once]
+            if together:
+                batch = self._run_together(together, batch, times, metrics)
+            for r in group:
+                if r not in together:
+                    batch = self._run_node(r, batch, times, metrics)
+                if not len(batch):  # a filter kept nothing: nothing more to compute this step
+                    return batch
+        return batch
+
+    def _run_together(self, group: list, batch: Batch, times: Timings, metrics: dict[str, float]) -> Batch:
+        """Nodes of one stage at once, each on its own view of ``batch`` (rlflow.overlap); their
+        columns, times and metrics merged in the stage's order."""
+        views = [Batch(dict(batch.columns), batch.meta) for _ in group]
+        outs = [(Timings(), {}) for _ in group]
+        with ThreadPoolExecutor(len(group), thread_name_prefix="rlflow-node") as pool:
+            futures = [in_thread(pool, self._run_node, r, v, *o) if r.concurrency == "thread" else None
+                       for r, v, o in zip(group, views, outs)]
+            for r, v, o in zip(group, views, outs):
+                if r.concurrency == "main":
+                    self._run_node(r, v, *o)
+            for f in futures:
+                if f is not None:
+                    f.result()
+        for v, (t, m) in zip(views, outs):
+            batch.columns.update({k: c for k, c in v.columns.items() if batch.columns.get(k) is not c})
+            times.update(t)
+            metrics.update(m)
+        return batch
+
+    def _next_rollout(self, times: Timings, metrics: dict[str, float]) -> Batch:
+        """``Pipeline.rollout_ahead``: this step's samples from the rollout started during the last
+        update (the first step's started now), the next rollout started from the weights this
+        batch trains from, then the Generate node's ``finish`` (old log-probs from those weights)."""
+        a = self.ahead
+        stale = a.future is not None
+        if not stale:
+            a.launch(self.data.next(), self.ctx)
+        t0 = time.perf_counter()
+        rows, m, seconds, positions = a.take()
+        metrics.update({**m, "timing_s/rollout_wait": time.perf_counter() - t0, "rollout/staleness": float(stale)})
+        a.launch(self.data.next(), self.ctx)
+        times.add(a.runner.spec.name, seconds, 0, 0, positions)  # the rollout's own time, overlapped with the last update
+        return self._run_node(a.runner, rows, times, metrics, call=a.runner.finish)
+
+    def _run_node(self, r, batch: Batch, times: Timings, metrics: dict[str, float], call=None) -> Batch:
         t0 = time.perf_counter()
         ctx = replace(self.ctx, positions=Positions())  # this run's own count of computed positions
         with self._autocast(r.spec):
-            out = r.run(batch, ctx)
+            out = (call or r.run)(batch, ctx)
         batch, m = out if isinstance(out, tuple) else (batch, out)  # a node may replace the batch
         n_tokens = tokens(batch) if r.spec.model_refs() else 0  # tokens a model read
         times.add(r.spec.name, time.perf_counter() - t0, len(batch), n_tokens, ctx.positions)
@@ -463,6 +528,9 @@ class Run:
         checkpoint.save_final(self.out_dir, self.workers, self.policy)
 
     def close(self) -> None:
+        if getattr(self, "ahead", None) is not None:
+            self.ahead.close()
+            self.ahead = None
         if self.records:
             self.records.close()
         pool = getattr(getattr(self, "ctx", None), "rule_pool", None)

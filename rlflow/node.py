@@ -10,7 +10,7 @@ what they were built with, so the scheduler is free to order them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from rlflow.registry import Registry
 
@@ -35,7 +35,15 @@ def runner(kind: str):
 
 
 class NodeRunner:
-    """Base of every runner: holds the node's validated spec."""
+    """Base of every runner: holds the node's validated spec.
+
+    ``concurrency`` says how the engine may run the node beside the other nodes of its
+    stage (no path between them; rlflow.overlap): "thread" (in a thread of its own, on a
+    view of the batch), "main" (in the main thread while the others run in theirs), or
+    None (alone: e.g. it replaces the batch's rows).
+    """
+
+    concurrency: Optional[str] = None
 
     def __init__(self, spec):
         self.spec = spec

@@ -39,6 +39,10 @@ import torch
 
 # The probe times single square matmuls (2·n³ FLOPs each) of a few sizes and keeps the best:
 # on a busy machine a short matmul often gets a core to itself, a long timed loop never does.
+# Figures of a step record that depend on the machine's speed rather than on the run's maths:
+# two runs of the same config agree on everything else.
+MACHINE_DEPENDENT = ("timing_s/", "perf/")
+
 PROBE_SIZES = {"cpu": (256, 512, 1024), "cuda": (4096, 8192)}
 PROBE_TRIALS = 30
 PROBE_BUDGET_S = 0.5  # per size

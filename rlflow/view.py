@@ -72,9 +72,8 @@ def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
     data.add(Text("writes " + ", ".join(p.data.writes()), style="dim"))
     stages = pg.stages()
     updates = [n.name for n in p.nodes if n.stage == "update"]
-    loop = Text(f"update: {p.ppo_epochs} epoch(s) x {p.mini_batches} mini-batch(es)", style="bold")
     for i, names in enumerate(stages + ([updates] if updates else [])):
-        branch = root.add(loop if i == len(stages) else Text(f"stage {i + 1}", style="bold"))
+        branch = root.add(Text(pg.stage_title(i, names), style="bold"))
         for name in names:
             node = pg.node(name)
             t = branch.add(Text.assemble((node_label(node), "cyan"), "  ", node_params(node, everything)))

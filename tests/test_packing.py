@@ -14,7 +14,7 @@ import torch
 from transformers import (GPT2Config, GPT2ForTokenClassification, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification)
 
-from nodes.masked import count
+from rlflow.nodes.masked import count
 from rlflow.forward import (last_token_hidden_state, response_logprobs, response_logprobs_and_entropy,
                             response_values, sequence_scores)
 from rlflow.packing import Positions, first_fit_decreasing, pack, row_width
