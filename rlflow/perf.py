@@ -20,9 +20,10 @@ included; embeddings looked up, not multiplied, are not counted; attention's own
 the short contexts of RL on small models, so MFU here is a slight underestimate).
 
 The peak is measured once per machine, precision and thread count by a matmul probe
-(the best of a few timed square matmuls) and cached in ``$RLFLOW_CACHE/peak_flops.json``.
-On a machine shared with other work the probe reads low, so MFU reads high: the cache
-keeps the best probe seen.
+(the fastest of a few dozen single square matmuls) and cached in
+``$RLFLOW_CACHE/peak_flops.json``. On a machine shared with other work the probe can read
+low, so MFU reads high: a probe at N threads never counts below the cached one at fewer
+threads, and deleting the file measures again.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         cache = {}
     if key in cache:
         return float(cache[key])
-    cache[key] = probe(device, dtype)
+    fewer = [v for k, v in cache.items() if k.split("|threads=")[0] == key.split("|threads=")[0]
+             and k.split("|")[-1] == key.split("|")[-1] and int(k.split("threads=")[1].split("|")[0]) < threads]
+    cache[key] = max([probe(device, dtype), *fewer])  # more threads never have a lower peak
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -125,6 +125,10 @@ def test_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
     assert calls == [torch.float32]  # the second came from the cache
     assert perf.peak_flops(torch.device("cpu"), torch.bfloat16) == 5e10 and len(calls) == 2  # per precision
     assert len(json.loads((tmp_path / "peak_flops.json").read_text())) == 2
+    # a probe at 2 threads disturbed by other work (reads 1e10) does not count below the 1-thread peak
+    monkeypatch.setattr(perf, "probe", lambda device, dtype: 1e10)
+    monkeypatch.setattr(perf.torch, "get_num_threads", lambda: 2)
+    assert perf.peak_flops(torch.device("cpu"), torch.float32) == 5e10
 
 
 def test_probe_measures_a_matmul_rate(monkeypatch):
