@@ -9,7 +9,8 @@ x 8 samples x 16 new tokens, GRPO, fp32) with the actor's ``Model`` settings cha
 recomputing the old log-probs and the loss's token-level rollout correction;
 ``concurrent_nodes``), or with one of the
 engine's optimisations that is not a setting switched off (``fuse_activations=false``: GPT-2's
-five-op GELU kept, see ``rlflow.models.fuse_activations``). All variants
+five-op GELU kept, see ``rlflow.models.fuse_activations``; ``drop_done=false``: finished rows
+stay in the decoding batch, see ``rlflow.forward.DROP_DONE_AT``). All variants
 live in one process and take their steps in turn (the order rotates every step), so a busy
 machine slows them alike; the figure is each variant's median step over the first's,
 and the median of the per-round ratios. Prints one JSON line.
@@ -32,7 +33,7 @@ from grpo_step import BETA, NEW_TOKENS, PROMPTS, SAMPLES  # noqa: E402
 
 MODEL_KEYS = {"padding_free", "precision", "micro_batch_size"}
 PIPELINE_KEYS = {"rollout_ahead", "concurrent_nodes"}
-OFF_SWITCHES = {"fuse_activations"}  # engine optimisations a variant can turn off (benchmark only)
+OFF_SWITCHES = {"fuse_activations", "drop_done"}  # engine optimisations a variant can turn off (benchmark only)
 
 
 def _value(text: str):
@@ -68,7 +69,7 @@ def make_run(model: str, model_kw: dict, pipe_kw: dict, steps: int):
 
     import rlflow.models
 
-    pipe_kw = dict(pipe_kw)
+    pipe_kw = {k: v for k, v in pipe_kw.items() if k != "drop_done"}  # (switched at each step)
     off = {k for k in OFF_SWITCHES if pipe_kw.pop(k, True) is False}
     fuse = rlflow.models.fuse_activations
     if "fuse_activations" in off:
@@ -107,9 +108,13 @@ def main() -> None:
     runs = [make_run(args.model, m, p, args.warmup + args.steps) for _, m, p in variants]
     times: list[list[float]] = [[] for _ in runs]
     nodes: list[dict[str, list[float]]] = [{} for _ in runs]
+    import rlflow.forward
+
+    drop_done_at = rlflow.forward.DROP_DONE_AT
     for i in range(args.warmup + args.steps):
         for j in [(i + k) % len(runs) for k in range(len(runs))]:  # rotate who goes first
             run = runs[j]
+            rlflow.forward.DROP_DONE_AT = 2.0 if variants[j][2].get("drop_done") is False else drop_done_at
             t0 = time.perf_counter()
             record, _ = run._step(i + 1)
             if i >= args.warmup:

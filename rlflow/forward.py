@@ -186,6 +186,7 @@ class Sampled:
     response_mask: torch.Tensor
     logprobs: torch.Tensor
     truncated: torch.Tensor
+    computed: int = 0  # positions the forwards computed: the prefill [B, P], then the decoding batch of each step
 
 
 @torch.no_grad()
@@ -206,60 +207,69 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     every random draw comes from ``generator`` (the global RNG when it is None), so a seeded
     generator gives identical samples. ``top_k=0`` and ``top_p=1`` disable those filters.
 
+    Rows that are done leave the decoding batch, with their cache, once they are a
+    ``DROP_DONE_AT`` share of it (:func:`_drop_done`): finished rows cost nothing further.
     Inputs must already be on the model's device. Runs under ``torch.no_grad``.
     """
     _check_sampling(max_new_tokens, greedy, temperature, top_p, top_k)
     _check_left_padded(prompt_mask)
-
     params = _forward_params(model)
     cache_kw = "cache" if "cache" in params else "past_key_values"
     prefill_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     scale = 1.0 if greedy else float(temperature)
 
-    batch = prompt_ids.shape[0]
-    device = prompt_ids.device
-    attention = prompt_mask.long()  # [B, P], grows by one column per step
+    batch, device = prompt_ids.shape[0], prompt_ids.device
+    attention = prompt_mask.long()  # [A, P], grows by one column per step (A rows still decoding)
     first_position = attention.sum(dim=1)  # [B] position id of response token 0
-
     cache, logits = _forward_last(model, prompt_ids, attention, _positions(attention), **prefill_extra)  # [B, V]: token 0
+    computed = prompt_ids.numel()
 
+    rows = torch.arange(batch, device=device)  # [A] the rows in the decoding batch
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
     ids_steps, lp_steps, mask_steps = [], [], []
     for step in range(max_new_tokens):
-        scaled = logits / scale  # [B, V]
-        token = _draw(scaled, greedy, top_k, top_p, generator)  # [B]
-        live = ~done  # rows still generating: this token is theirs (EOS included)
-        token = torch.where(live, token, pad)
-        lp = torch.where(live, _token_logprob(scaled, token), 0.0)  # full-vocab log-prob
-        ids_steps.append(token)
-        lp_steps.append(lp)
-        mask_steps.append(live)
-        done = done | (live & (token == eos_token_id))
+        scaled = logits / scale  # [A, V]
+        live = ~done[rows]  # [A] rows still generating: this token is theirs (EOS included)
+        token = torch.where(live, _draw(scaled, greedy, top_k, top_p, generator), pad_token_id)  # [A]
+        lp = torch.where(live, _token_logprob(scaled, token), 0.0)  # [A] full-vocab log-prob
+        ids_steps.append(pad.index_put((rows,), token))  # [B]
+        lp_steps.append(torch.zeros(batch, device=device).index_put((rows,), lp))
+        mask_steps.append(torch.zeros_like(done).index_put((rows,), live))
+        done = done | (mask_steps[-1] & (ids_steps[-1] == eos_token_id))
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
-        cache, logits = _forward_last(model, token.unsqueeze(1), attention, (first_position + step).unsqueeze(1),
+        rows, token, attention = _drop_done(rows, done, token, attention, cache)
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+        cache, logits = _forward_last(model, token.unsqueeze(1), attention, (first_position[rows] + step).unsqueeze(1),
                                       **{cache_kw: cache})
+        computed += len(rows)
 
-    return Sampled(
-        response_ids=torch.stack(ids_steps, dim=1),
-        response_mask=torch.stack(mask_steps, dim=1).float(),
-        logprobs=torch.stack(lp_steps, dim=1),
-        truncated=~done,
-    )
+    return Sampled(response_ids=torch.stack(ids_steps, dim=1), response_mask=torch.stack(mask_steps, dim=1).float(),
+                   logprobs=torch.stack(lp_steps, dim=1), truncated=~done, computed=computed)
 
 
-def sampled_positions(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
-    """``(computed, useful)`` positions of one :func:`sample` call that produced ``response_mask``:
-    the prefill ``[B, P]``, then one ``[B, 1]`` forward per response column after the first.
-    Useful are the real prompt tokens and every response token but each row's last (which
-    is drawn, never fed); the rest is left padding and rows already done."""
-    rows, width = prompt_mask.shape
-    n_resp = response_mask.shape[1]
-    r = (response_mask > 0).sum(1)
-    useful = int((prompt_mask > 0).sum()) + int((r - 1).clamp(min=0).sum())
-    return rows * width + rows * max(n_resp - 1, 0), useful
+DROP_DONE_AT = 0.125  # the decoding batch drops its finished rows once they are this share of it
+
+
+def _drop_done(rows: torch.Tensor, done: torch.Tensor, token: torch.Tensor, attention: torch.Tensor, cache):
+    """``(rows, token, attention)`` of the decoding batch without its finished rows, and the KV
+    cache cut to match (``Cache.batch_select_indices``), once they are ``DROP_DONE_AT`` of it;
+    else as they are. A copy of the cache costs about one decoding step's cache update."""
+    keep = ~done[rows]  # [A]
+    if int(keep.sum()) > (1.0 - DROP_DONE_AT) * len(rows):
+        return rows, token, attention
+    index = keep.nonzero().squeeze(1)  # [A']
+    cache.batch_select_indices(index)
+    return rows[index], token[index], attention[index]
+
+
+def sampled_positions(prompt_mask: torch.Tensor, out: Sampled) -> tuple[int, int]:
+    """``(computed, useful)`` positions of the :func:`sample` call that gave ``out``. Useful are
+    the real prompt tokens and every response token but each row's last (which is drawn,
+    never fed); the rest is left padding and finished rows not yet dropped."""
+    r = (out.response_mask > 0).sum(1)
+    return out.computed, int((prompt_mask > 0).sum()) + int((r - 1).clamp(min=0).sum())
 
 
 # ---------------------------------------------------------------------------------------
