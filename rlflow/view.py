@@ -38,7 +38,7 @@ def _shown_keys(node) -> list[str]:
     ``coef``; any other node its fields. ``rlflow graph --all`` shows every field."""
     declared = getattr(node, "declared", None)
     if declared is not None:
-        return list(declared.params) + ["kl", "coef", "mask"]
+        return list(declared.params) + ["kl", "coef", "mask", "rollout_is"]
     return list(node.params())
 
 

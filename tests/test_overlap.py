@@ -197,3 +197,18 @@ def test_rollout_ahead_is_refused_with_several_processes(tmp_path, monkeypatch):
     run = Run(p, build(p), tmp_path / "r")
     with pytest.raises(ValueError, match="single process"):
         run._rollout_ahead()
+
+
+def test_the_graph_view_shows_what_runs_at_once():
+    from rlflow.view import render_graph
+    from rich.console import Console
+
+    def text(p):
+        console = Console(width=200, record=True, color_system=None)
+        console.print(render_graph(build(p)))
+        return console.export_text()
+
+    assert "stage 2  (ref_logprob ‖ score ‖ value run at once)" in text(ppo(True))
+    assert "run at once" not in text(ppo(False))
+    ahead = text(grpo(loss=Loss("clip", rollout_is="token"), rollout_ahead=1))
+    assert "‖ generate of the next batch (rollout_ahead=1)" in ahead and "rollout_is=token" in ahead
