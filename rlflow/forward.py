@@ -318,12 +318,21 @@ def _packed_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, 
 
     _check_left_padded(prompt_mask)
     inner = _unwrapped(model)
-    packed = pack(prompt_ids, prompt_mask, response_ids, response_mask, read=read,
-                  pad_id=int(getattr(inner.config, "pad_token_id", None) or 0), hidden=_hidden_size(inner))
+    packed = pack(prompt_ids, prompt_mask, response_ids, response_mask, read=read, pad_id=_filler(inner.config),
+                  hidden=_hidden_size(inner))
     if positions is not None:
         positions.add(packed.computed, packed.useful)
     hidden = _last_hidden(inner, packed.ids, None, packed.positions)  # [R, L, H]
     return hidden.reshape(-1, hidden.shape[-1]), packed
+
+
+def _filler(config) -> int:
+    """A token id for the filler at the end of packed rows: any id works (each filler token is a
+    sequence of its own, never read), but not the pad id, whose presence in the last column
+    makes transformers warn about a missing attention mask."""
+    pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None) or 2
+    ids = [getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None), 0, 1]
+    return next(t for t in ids if isinstance(t, int) and t != pad and 0 <= t < vocab)
 
 
 def _lm_logits(inner, hidden: torch.Tensor) -> torch.Tensor:
