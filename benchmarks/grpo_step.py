@@ -6,9 +6,15 @@ plain-PyTorch GRPO step on the same model and batch shapes as the baseline, side
 
 Configuration (fixed, so that other frameworks can be run on the same work): 16 prompts x
 8 samples x 16 new tokens, temperature 1, group-normalised advantages, clipped loss with
-k3 KL in the loss (β = 0.04, seq-mean-token-mean), one optimizer step per batch, fp32.
-Prints one JSON line: median / min / max step seconds, completions/s, generated tokens/s,
-per-node median seconds, peak RSS, for rlflow and for the baseline, and their ratio.
+k3 KL in the loss (β = 0.04, seq-mean-token-mean), one optimizer step per batch, fp32
+(``--precision bf16``: autocast, fp32 weights). Prints one JSON line: median / min / max
+step seconds, completions/s, generated tokens/s, per-node median seconds, padding and MFU
+of the last step, peak RSS, for rlflow and for the baseline, and their ratio.
+
+The baseline is the same step by hand on the same model as rlflow places it (the same
+sampler, the same padding-free log-prob function, the same fused GELU, the same autocast),
+so that the ratio is what the engine costs, not what its optimisations save. The two take
+their steps in turn in one process (who goes first alternates), so a busy machine slows both.
 """
 
 from __future__ import annotations
@@ -26,69 +32,73 @@ from pathlib import Path
 PROMPTS, SAMPLES, NEW_TOKENS, BETA = 16, 8, 16, 0.04
 
 
-def rlflow_steps(model: str, warmup: int, steps: int) -> dict:
+def rlflow_stepper(model: str, steps: int, precision: str = "fp32"):
+    """A function that takes rlflow's next GRPO step: ``step(i) -> (response tokens, node seconds, record)``."""
     from rlflow import Advantage, Generate, Loss, Model, Pipeline, Prompts, RefLogprob, Score
     from rlflow.arith import exact_match
     from rlflow.engine import Run
     from rlflow.graph import build
 
-    actor = Model(model, train=True, lr=1e-5)
+    actor = Model(model, train=True, lr=1e-5, precision=precision)
     p = Pipeline(name="bench", data=Prompts("builtin:arith", batch_size=PROMPTS), models={"actor": actor, "ref": actor.frozen()},
                  nodes=[Generate("actor", n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0), Score(rule=exact_match),
                         RefLogprob("ref"), Advantage("group_norm"),
                         Loss("clip", kl_coef=BETA, kl="k3", agg="seq-mean-token-mean")],
-                 steps=warmup + steps, eval=None)
+                 steps=steps, eval=None)
     run = Run(p, build(p), Path(tempfile.mkdtemp(prefix="rlflow-bench-")))
     run.setup()
-    times, tokens, nodes = [], [], {}
-    for i in range(warmup + steps):
-        run.ctx.step = i + 1
-        t0 = time.perf_counter()
-        batch, node_times, _ = run.experience()
-        run.update(batch, node_times)
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
-            tokens.append(int(batch["response_mask"].sum()))
-            for k, t in node_times.items():
-                nodes.setdefault(k, []).append(t.seconds)
-    run.close()
-    return {"times": times, "tokens": tokens, "nodes": {k: round(statistics.median(v), 4) for k, v in nodes.items()}}
+
+    def step(i: int):
+        record, batch = run._step(i + 1)  # the engine's step: experience, update, the step's figures
+        return int(batch["response_mask"].sum()), {k: t["seconds"] for k, t in record["nodes"].items()}, record
+
+    return step, run.close
 
 
-def baseline_steps(model: str, warmup: int, steps: int) -> dict:
-    """The same GRPO step written by hand: no engine, no DeepSpeed."""
+def baseline_stepper(model: str, precision: str = "fp32"):
+    """The same GRPO step written by hand, no engine, no DeepSpeed: ``step(i)`` as :func:`rlflow_stepper`'s."""
+    import contextlib
+
     import torch
 
     from rlflow.arith import exact_match, problems
     from rlflow.forward import decode, encode_prompts, response_logprobs, sample
     from rlflow.engine import train_pipeline
-    from rlflow.models import load_tokenizer, resolve
+    from rlflow.models import disable_dropout, fuse_activations, load_tokenizer, resolve
     from transformers import AutoModelForCausalLM
 
     path = resolve(model, train=train_pipeline)
     tok = load_tokenizer(path)
     policy = AutoModelForCausalLM.from_pretrained(path)
     ref = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    for m in (policy, ref):  # the model as rlflow places it
+        disable_dropout(m)
+        fuse_activations(m)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     rows = problems("train", seed=0)
     gen = torch.Generator().manual_seed(0)
-    times, tokens, nodes = [], [], {}
-    for i in range(warmup + steps):
+
+    def step(i: int):
         batch = rows[(i * PROMPTS) % len(rows):][:PROMPTS]
         t0 = time.perf_counter()
         ids, mask = encode_prompts(tok, [r["prompt"] for r in batch for _ in range(SAMPLES)])
-        s = sample(policy, ids, mask, max_new_tokens=NEW_TOKENS, temperature=1.0, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id, generator=gen)
+        with autocast():
+            s = sample(policy, ids, mask, max_new_tokens=NEW_TOKENS, temperature=1.0, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, generator=gen)
         t1 = time.perf_counter()
         texts = decode(tok, s.response_ids, s.response_mask)
         r = torch.tensor([exact_match(t, {"answer": b["answer"]}) for t, b in zip(texts, [b for b in batch for _ in range(SAMPLES)])])
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             ref_lp = response_logprobs(ref, ids, mask, s.response_ids, s.response_mask)
         t2 = time.perf_counter()
         g = r.view(PROMPTS, SAMPLES)
         adv = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)).view(-1, 1)
-        lp = response_logprobs(policy, ids, mask, s.response_ids, s.response_mask)
+        with autocast():
+            lp = response_logprobs(policy, ids, mask, s.response_ids, s.response_mask)
         ratio = torch.exp(lp - s.logprobs)
         pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
         d = (ref_lp - lp).clamp(-20, 20)
@@ -100,12 +110,32 @@ def baseline_steps(model: str, warmup: int, steps: int) -> dict:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         t3 = time.perf_counter()
-        if i >= warmup:
-            times.append(t3 - t0)
-            tokens.append(int(m.sum()))
-            for k, v in (("generate", t1 - t0), ("score+ref", t2 - t1), ("update", t3 - t2)):
-                nodes.setdefault(k, []).append(v)
-    return {"times": times, "tokens": tokens, "nodes": {k: round(statistics.median(v), 4) for k, v in nodes.items()}}
+        return int(m.sum()), {"generate": t1 - t0, "score+ref": t2 - t1, "update": t3 - t2}, {}
+
+    return step, lambda: None
+
+
+def interleaved(steppers: dict, warmup: int, steps: int) -> dict[str, dict]:
+    """Every stepper's steps in turn (who goes first alternates): per stepper, the timed steps'
+    seconds, response tokens and node seconds, and the last step's record."""
+    out = {name: {"times": [], "tokens": [], "nodes": {}, "record": {}} for name in steppers}
+    names = list(steppers)
+    for i in range(warmup + steps):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            n_tokens, nodes, record = steppers[name](i)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                r = out[name]
+                r["times"].append(dt)
+                r["tokens"].append(n_tokens)
+                r["record"] = record
+                for k, v in nodes.items():
+                    r["nodes"].setdefault(k, []).append(v)
+    for r in out.values():
+        r["nodes"] = {k: round(statistics.median(v), 4) for k, v in r["nodes"].items()}
+        r["last_step"] = {k: v for k, v in r.pop("record").items() if k.startswith(("perf/mfu", "padding_frac/"))}
+    return out
 
 
 def figures(r: dict) -> dict:
@@ -114,7 +144,7 @@ def figures(r: dict) -> dict:
     return {"step_s_median": round(med, 4), "step_s_min": round(min(t), 4), "step_s_max": round(max(t), 4),
             "completions_per_s": round(PROMPTS * SAMPLES / med, 1),
             "generated_tokens_per_s": round(statistics.median(n / s for n, s in zip(r["tokens"], t)), 1),
-            "node_median_s": r["nodes"]}
+            "node_median_s": r["nodes"], **({"last_step": r["last_step"]} if r.get("last_step") else {})}
 
 
 def main() -> None:
@@ -124,6 +154,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast over fp32 weights, both sides")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
@@ -134,11 +165,23 @@ def main() -> None:
 
     _quiet_libraries()
     out = {"config": {"prompts": PROMPTS, "samples": SAMPLES, "max_new_tokens": NEW_TOKENS, "beta": BETA,
-                      "threads": args.threads, "model": args.model, "steps": args.steps, "warmup": args.warmup}}
-    out["rlflow"] = figures(rlflow_steps(args.model, args.warmup, args.steps))
+                      "threads": args.threads, "model": args.model, "steps": args.steps, "warmup": args.warmup,
+                      "precision": args.precision}}
+    steppers, closers = {}, []
+    steppers["rlflow"], close = rlflow_stepper(args.model, args.warmup + args.steps, args.precision)
+    closers.append(close)
     if not args.no_baseline:
-        out["baseline_plain_torch"] = figures(baseline_steps(args.model, args.warmup, args.steps))
+        steppers["baseline_plain_torch"], close = baseline_stepper(args.model, args.precision)
+        closers.append(close)
+    results = interleaved(steppers, args.warmup, args.steps)
+    for close in closers:
+        close()
+    for name, r in results.items():
+        out[name] = figures(r)
+    if not args.no_baseline:
+        rounds = [a / b for a, b in zip(results["rlflow"]["times"], results["baseline_plain_torch"]["times"])]
         out["rlflow_over_baseline"] = round(out["rlflow"]["step_s_median"] / out["baseline_plain_torch"]["step_s_median"], 3)
+        out["rlflow_over_baseline_per_step_median"] = round(statistics.median(rounds), 3)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(out))
     sys.stdout.flush()

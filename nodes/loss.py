@@ -28,7 +28,7 @@ from pydantic import Field
 
 from rlflow.dist import Lazy, Mean, Stat
 from rlflow.lazy import F, no_grad, torch
-from rlflow.node import ModelRunner, runner
+from rlflow.node import ModelRunner, packs, runner
 from rlflow.spec import LOSSES, loss_variant
 
 from rlflow.dist import all_reduce_sum
@@ -117,7 +117,39 @@ def _log_ratio(cols: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return (cols["logprobs"] - cols["old_logprobs"]).clamp(-20.0, 20.0)
 
 
-def _ppo_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> Mean:
+def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                       level: str, mode: str, low: float, high: float) -> tuple[torch.Tensor, dict[str, Lazy]]:
+    """Importance weights [B,T] (no grad) for the mismatch between the sampler and the trainer
+    (``LossSpec.rollout_is``), and their metrics.
+
+        log r_t = clamp(lp_old_t - lp_rollout_t, -20, 20)       token level
+        log r_i = clamp(Σ_t (lp_old_t - lp_rollout_t), -20, 20)   sequence level, broadcast to its tokens
+        truncate: w = min(r, high)                     truncated IS (verl rollout_is, TRL's vLLM IS correction)
+        mask:     w = r · 1[low <= r <= high]         IcePop (Ling team 2025): tokens far off-policy drop out
+
+    ``lp_old`` is the trainer's recompute of the behaviour policy (Generate(recompute_logprobs=True)),
+    ``lp_rollout`` the sampler's own log-probs: with a one-step-ahead rollout or a sampler in
+    another precision or engine they differ. Metrics: rollout_is/mean (token mean of w),
+    rollout_is/clipped_frac or rollout_is/masked_frac, and rollout_is/kl (token mean of
+    lp_rollout - lp_old, the k1 estimate of KL(π_rollout || π_old)).
+    """
+    with torch.no_grad():
+        m = mask.to(old_logprobs.dtype)  # [B,T]
+        diff = (old_logprobs - rollout_logprobs) * m  # [B,T]
+        log_r = diff if level == "token" else diff.sum(-1, keepdim=True).expand_as(diff)  # [B,T]
+        r = torch.exp(log_r.clamp(-20.0, 20.0))  # [B,T]
+        if mode == "truncate":
+            w, cut, name = r.clamp(max=high), r > high, "rollout_is/clipped_frac"
+        else:
+            cut = (r < low) | (r > high)
+            w, name = torch.where(cut, 0.0, r), "rollout_is/masked_frac"
+        w = w * m
+        metrics = {"rollout_is/mean": mean_of(w, mask), name: mean_of(cut.to(m.dtype), mask),
+                   "rollout_is/kl": mean_of(-diff, mask)}
+    return w, metrics
+
+
+def _ppo_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> Lazy:
     """verl's ``ppo_kl``: the masked mean of lp_old - lp (k1 of the old vs the current policy)."""
     return mean_of(-log_ratio.detach(), mask)
 
@@ -144,10 +176,15 @@ def _policy_term(
     over sequences (the adaptive controller's observed KL, ALGORITHMS.md §0.3). Without a
     KL penalty but with ref_logprobs in the batch (KL in the reward) it logs kl/<estimator>
     instead: the same statistic of the unpenalised estimate, current policy vs reference.
+    When the runner put rollout-correction weights in ``cols`` (``LossSpec.rollout_is``,
+    :func:`rollout_correction`), the policy term is ``w · pg`` per token (verl and TRL weigh
+    the clipped surrogate the same way).
     """
     lp = cols["logprobs"]  # [B,T] grad
     mask = cols["response_mask"]  # [B,T]
     entropy = cols["entropy"]  # [B,T] H(π_θ(·|s_t)); grad only when entropy_coef > 0
+    if "rollout_is_weights" in cols:
+        pg = pg * cols["rollout_is_weights"]  # [B,T] the sampler/trainer mismatch corrected
     per_token = pg
     if kl_coef > 0.0:
         k = kl_estimate(lp, cols["ref_logprobs"], kl)  # [B,T] grad through lp_θ (§0.3 placement 2)
@@ -733,8 +770,15 @@ class LossRunner(ModelRunner):
 
     def term(self, cols: Mapping[str, torch.Tensor], counts: Counts) -> LossTerm:
         """This micro-batch's share of ``coef ·`` the loss, and its metrics (with the KL
-        penalty's current β as kl/beta)."""
-        cols = self._cols(cols)
+        penalty's current β as kl/beta, and the rollout correction's weights and metrics when
+        ``rollout_is`` is set)."""
+        cols, extra = self._cols(cols), {}
+        s = self.spec
+        if s.rollout_is:
+            w, extra = rollout_correction(cols["old_logprobs"], cols["rollout_logprobs"], cols["response_mask"],
+                                          level=s.rollout_is, mode=s.rollout_is_mode, low=s.rollout_is_min,
+                                          high=s.rollout_is_max)
+            cols = {**cols, "rollout_is_weights": w}
         beta = self.kl.beta
         params = {**self.params, "kl_coef": beta} if "kl_coef" in self.params else self.params
         t = self.variant.fn(cols, counts, **params)
@@ -742,7 +786,7 @@ class LossRunner(ModelRunner):
             t.metrics["kl/beta"] = beta
             if self.kl.adaptive and "kl/mean" in t.metrics:  # Mean(Σ sequence means, sequences)
                 self._observed = [a + b for a, b in zip(self._observed, t.metrics["kl/mean"].sums)]
-        return LossTerm(self.spec.coef * t.loss, t.metrics)
+        return LossTerm(s.coef * t.loss, {**t.metrics, **(_floats(extra) if extra else {})})
 
     def after_update(self, batch) -> dict[str, float]:
         """The end of a step's update: an adaptive β moves towards its target KL, observed over
@@ -761,23 +805,26 @@ class LossRunner(ModelRunner):
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.kl.load_state_dict(state)
 
-    def outputs(self, worker, micro, needs: set[str]) -> dict[str, torch.Tensor]:
+    def outputs(self, worker, micro, needs: set[str], positions=None) -> dict[str, torch.Tensor]:
         """One forward of ``worker`` on a micro-batch, with grad: every output in ``needs``
         (the :attr:`needs` of every term on this model). Entropy comes from the same
-        forward as the log-probs; it carries gradient if any term asks "entropy_grad"."""
+        forward as the log-probs; it carries gradient if any term asks "entropy_grad".
+        The batch is packed without padding when the model does (``rlflow.node.packs``);
+        ``positions`` (rlflow.packing.Positions) counts what the forward computed."""
         from rlflow.forward import response_logprobs, response_logprobs_and_entropy, response_values, sequence_scores
 
         wanted = {part for need in needs for part in need.split("+")}
         args = (micro["prompt_ids"], micro["prompt_mask"], micro["response_ids"], micro["response_mask"])
         temperature = self.spec.temperature or 1.0
+        kw = {"padding_free": packs(worker.spec), "positions": positions}
         out: dict[str, torch.Tensor] = {}
         if wanted & {"entropy", "entropy_grad"}:
             out["logprobs"], out["entropy"] = response_logprobs_and_entropy(
-                worker.engine, *args, temperature=temperature, entropy_grad="entropy_grad" in wanted)
+                worker.engine, *args, temperature=temperature, entropy_grad="entropy_grad" in wanted, **kw)
         elif "logprobs" in wanted:
-            out["logprobs"] = response_logprobs(worker.engine, *args, temperature=temperature)
+            out["logprobs"] = response_logprobs(worker.engine, *args, temperature=temperature, **kw)
         if "values" in wanted:
-            out["new_values"] = response_values(worker.engine, *args)
+            out["new_values"] = response_values(worker.engine, *args, **kw)
         if "scores" in wanted:
-            out["scores"] = sequence_scores(worker.engine, *args)
+            out["scores"] = sequence_scores(worker.engine, *args, **kw)
         return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from rlflow.dist import Mean
 from rlflow.lazy import torch
-from rlflow.node import Context, ModelRunner, runner
+from rlflow.node import Context, ModelRunner, layout, runner
 from rlflow.rules import RewardRuleError, RulePool, score_in_process
 
 __all__ = ["RewardRuleError", "ScoreRunner", "apply_rule", "overlong_penalty"]
@@ -53,6 +53,8 @@ class ScoreRunner(ModelRunner):
     otherwise in a pool of its own, started on first use and stopped by ``close()``. A
     reward model (``spec.model``, optional) reads the batch on its own device; the rewards
     are made on the batch's device."""
+
+    concurrency = "main"  # beside the other nodes of its stage, in the main thread (in-process rules are timed by SIGALRM)
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -89,7 +91,9 @@ class ScoreRunner(ModelRunner):
 
             b = self.inputs(batch, ctx)
             with torch.no_grad():
-                rm = sequence_scores(self.worker(ctx).engine, b["prompt_ids"], b["prompt_mask"], b[ids_col], b[mask_col])
+                worker = self.worker(ctx)
+                rm = sequence_scores(worker.engine, b["prompt_ids"], b["prompt_mask"], b[ids_col], b[mask_col],
+                                     **layout(worker, ctx))
             metrics[f"{prefix}/model"] = _mean(rm)
             total += rm.float().to(total.device)
         if s.overlong_buffer:

@@ -22,23 +22,28 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from rlflow import checkpoint, dist, rundir
+from rlflow import checkpoint, dist, perf, rundir
 from rlflow.batch import Batch, mini_batch_groups
 from rlflow.checkpoint import ResumeError  # noqa: F401  (re-exported for the CLI)
 from rlflow.data import DataStream, share
 from rlflow.evaluation import Evaluator
 from rlflow.graph import PipelineGraph
-from rlflow.models import Worker, place
+from rlflow.models import Worker, compute_dtype, place
 from rlflow.node import RUNNERS, Context
+from rlflow.overlap import RolloutAhead, in_thread
+from rlflow.packing import Positions
 from rlflow.records import Records, Timings, batch_stats, step_record, tokens, write_json
 from rlflow.spec import Pipeline
+
+AHEAD_SEED_OFFSET = 104729  # the one-step-ahead sampler's generator: seed + this (Pipeline.rollout_ahead)
 
 
 class RefillError(RuntimeError):
@@ -143,8 +148,10 @@ class Run:
         self.data = DataStream(p.data, self.tokenizer, seed=p.seed, rank=dist.rank(), world=dist.world_size())
         self.runners = {n.name: RUNNERS[n.kind](n) for n in p.nodes}
         self.ctx = Context(workers=self.workers, generator=self.generator, rule_pool=self._rule_pool(), seed=p.seed)
+        self.ahead = self._rollout_ahead()
         self.records = Records(self.out_dir, writer=dist.rank() == 0)
         self.evaluator = Evaluator(p, self.workers, self.policy, self.tokenizer)
+        self.costs = perf.node_costs(p, self.workers, lambda w: compute_dtype(w.spec))  # peak probed once per machine
         self.observer.start(self)
 
     def _rule_pool(self):
@@ -158,6 +165,15 @@ class Run:
         pool = RulePool(scores[0].rule_workers, timeout_s=scores[0].rule_timeout_s)
         pool.start()
         return pool
+
+    def _rollout_ahead(self) -> Optional[RolloutAhead]:
+        """The one-step-ahead rollout of ``Pipeline.rollout_ahead`` (one process only, for now)."""
+        if not self.pipeline.rollout_ahead:
+            return None
+        if dist.world_size() > 1:
+            raise ValueError("rollout_ahead=1 runs in a single process for now; set rollout_ahead=0 to run on several")
+        gen = self.graph.generate()
+        return RolloutAhead(self.runners[gen.name], self.workers[gen.model], self.pipeline.seed + AHEAD_SEED_OFFSET)
 
     def _place_models(self) -> None:
         tokenizers: dict[str, Any] = {}
@@ -257,8 +273,22 @@ class Run:
             else:
                 self._rescue(step - 1, rng_before)
             raise
-        stats = dist.reduce_metrics({"seconds": dist.Max(time.perf_counter() - t0), **batch_stats(batch), **times.as_metrics()})
-        return step_record(step, stats, Timings.from_metrics(stats), metrics), batch
+        record = self._record(step, batch, times, metrics, time.perf_counter() - t0)
+        return record, batch
+
+    def _record(self, step: int, batch: Batch, times: Timings, metrics: dict, seconds: float) -> dict[str, Any]:
+        """The step's record from every rank's figures: rows, node times, metrics, and timing_s/*,
+        perf/* (throughput, MFU per model, peak memory) and padding_frac/*."""
+        real = sum(int(batch[c].sum()) for c in ("prompt_mask", "response_mask") if c in batch and len(batch))
+        device = next((w.device for w in self.workers.values()), None)
+        memory = {k: dist.Max(v) for k, v in perf.memory(device).items()}
+        stats = dist.reduce_metrics({"seconds": dist.Max(seconds), **batch_stats(batch), **times.as_metrics(),
+                                     "perf/total_num_tokens": dist.Sum(real), **memory})
+        timings = Timings.from_metrics(stats)
+        record = step_record(step, stats, timings, metrics)
+        record.update(perf.step_figures(timings, stats["seconds"], int(stats["perf/total_num_tokens"]), self.costs,
+                                        dist.world_size()))
+        return record
 
     # --- stopping: signals and non-finite updates -------------------------------------------
     @contextmanager
@@ -325,12 +355,12 @@ class Run:
         times, metrics = Timings(), {}
         refilling = [r for r in order if hasattr(r, "refill") and r.refill(self.pipeline.data.batch_size)]
         if not refilling:
-            batch = self.data.next()
-            for r in order:
-                batch = self._run_node(r, batch, times, metrics)
-                if dist.all_reduce_max(len(batch)) == 0:  # filters kept nothing on any rank
-                    break
-            return batch, times, dist.reduce_metrics(metrics)
+            if self.ahead is not None:
+                batch = self._next_rollout(times, metrics)
+                order = [r for r in order if r is not self.ahead.runner]
+            else:
+                batch = self.data.next()
+            return self._run_stages(order, batch, times, metrics), times, dist.reduce_metrics(metrics)
         f = refilling[0]
         upstream = self.graph.upstream(f.spec.name)
         head = [r for r in order if r.spec.name in upstream]
@@ -381,23 +411,94 @@ class Run:
         whole = Batch.cat(parts) if any(len(b) for b in parts) else cpu
         return whole.take_groups(sorted(whole.groups()))
 
-    def _run_node(self, r, batch: Batch, times: Timings, metrics: dict) -> Batch:
+    def _run_stages(self, order: list, batch: Batch, times: Timings, metrics: dict) -> Batch:
+        """The experience runners of ``order``, stage by stage (``graph.stages()``: no path between
+        the nodes of a stage); the nodes of a stage that can run at once (``graph.together``) do,
+        in one process only (a node's forwards may be collective), the others one after the other."""
+        for stage in self.graph.stages():
+            group = [r for r in order if r.spec.name in stage]
+            at_once = self.graph.together([r.spec.name for r in group]) if dist.world_size() == 1 else []
+            together = [r for r in group if r.spec.name in at_once]
+            if together:
+                batch = self._run_together(together, batch, times, metrics)
+            for r in group:
+                if r not in together:
+                    batch = self._run_node(r, batch, times, metrics)
+                if dist.all_reduce_max(len(batch)) == 0:  # filters kept nothing on any rank
+                    return batch
+        return batch
+
+    def _run_together(self, group: list, batch: Batch, times: Timings, metrics: dict) -> Batch:
+        """Nodes of one stage at once, each on its own view of ``batch`` (rlflow.overlap); their
+        new columns, times and metrics merged in the stage's order, so the result does not
+        depend on which finished first."""
+        views = [Batch(dict(batch.columns), batch.meta) for _ in group]
+        with ThreadPoolExecutor(len(group), thread_name_prefix="rlflow-node") as pool:
+            futures = [in_thread(pool, self._call_node, r, v) if r.concurrency == "thread" else None
+                       for r, v in zip(group, views)]
+            done = [None if f is not None else self._call_node(r, v) for r, v, f in zip(group, views, futures)]
+            done = [d if f is None else f.result() for d, f in zip(done, futures)]
+        for r, v, (out, failed, seconds, positions) in zip(group, views, done):
+            self._agree(r, failed)
+            new = self._merge(r, v, out, seconds, positions, times, metrics)
+            batch.columns.update({k: c for k, c in new.columns.items() if batch.columns.get(k) is not c})
+        devices = [self.workers[m].device for r in group for m in r.spec.model_refs().values() if m in self.workers]
+        return batch.to(devices[-1]) if devices else batch  # one device, as when the nodes run one after the other
+
+    def _next_rollout(self, times: Timings, metrics: dict) -> Batch:
+        """``Pipeline.rollout_ahead``: this step's samples from the rollout started during the last
+        update (the first step's started now), the next rollout started from the weights this
+        batch trains from, then the Generate node's ``finish`` (old log-probs from those weights)."""
+        a = self.ahead
+        stale = a.future is not None
+        if not stale:
+            a.launch(self.data.next(), self.ctx)
         t0 = time.perf_counter()
-        failed: Optional[Exception] = None
+        rows, m, seconds, positions = a.take()
+        metrics.update({**m, "timing_s/rollout_wait": time.perf_counter() - t0, "rollout/staleness": float(stale)})
+        a.launch(self.data.next(), self.ctx)
+        times.add(a.runner.spec.name, seconds, 0, 0, positions)  # the rollout's own time, overlapped with the last update
+        return self._run_node(a.runner, rows, times, metrics, call=a.runner.finish)
+
+    def _run_node(self, r, batch: Batch, times: Timings, metrics: dict, call=None) -> Batch:
+        """Runs node ``r`` (or ``call``, a part of it) on ``batch``; every rank learns whether
+        any failed, and all raise together; the node's batch, its time and metrics recorded."""
+        out, failed, seconds, positions = self._call_node(r, batch, call)
+        self._agree(r, failed)
+        return self._merge(r, batch, out, seconds, positions, times, metrics)
+
+    def _call_node(self, r, batch: Batch, call=None) -> tuple:
+        """``(out, failure, seconds, positions)`` of one run of a node in this process alone."""
+        t0 = time.perf_counter()
+        ctx = replace(self.ctx, positions=Positions())  # this run's own count of computed positions
         try:
-            out = r.run(batch, self.ctx)
-        except Exception as e:  # noqa: BLE001 - raised below, on every rank
-            failed = e
+            with self._autocast(r.spec):
+                return (call or r.run)(batch, ctx), None, time.perf_counter() - t0, ctx.positions
+        except Exception as e:  # noqa: BLE001 - raised by _agree, on every rank
+            return None, e, time.perf_counter() - t0, ctx.positions
+
+    def _agree(self, r, failed: Optional[Exception]) -> None:
         culprit = dist.all_reduce_max(dist.rank() + 1 if failed else 0)  # ranks agree a node failed
         if culprit:
             self._agreed = True  # every rank raises here: they can save the rescue checkpoint together
             raise failed or PeerFailure(f"process {culprit - 1} failed in node {r.spec.name!r} at step {self.ctx.step}")
+
+    @staticmethod
+    def _merge(r, batch: Batch, out, seconds: float, positions, times: Timings, metrics: dict) -> Batch:
         batch, m = out if isinstance(out, tuple) else (batch, out)  # a node may replace the batch
         n_tokens = tokens(batch) if r.spec.model_refs() else 0  # tokens a model read
-        times.add(r.spec.name, time.perf_counter() - t0, len(batch), n_tokens)
+        times.add(r.spec.name, seconds, len(batch), n_tokens, positions)
         for k, v in (m or {}).items():  # a node run again (refill rounds) adds to its Means and Sums
             metrics[k] = dist.combine([metrics[k], v]) if k in metrics and dist.adds_up(v) else v
         return batch
+
+    def _autocast(self, spec):
+        """The autocast contexts of the models a node runs (Model precision, ``Worker.autocast``)."""
+        stack = ExitStack()
+        for name in spec.model_refs().values():
+            if name in self.workers:
+                stack.enter_context(self.workers[name].autocast())
+        return stack
 
     # --- update ------------------------------------------------------------------------------
     def _loss_runners(self) -> dict[str, list]:
@@ -426,10 +527,11 @@ class Run:
             for ids in mini_batch_groups(groups, p.mini_batches, self.generator if shuffle else None):
                 mini = batch.take_groups(ids)
                 for model, runners in by_model.items():
-                    t0 = time.perf_counter()
-                    for k, v in self._train_model(self.workers[model], runners, mini).items():
+                    t0, positions = time.perf_counter(), Positions()
+                    for k, v in self._train_model(self.workers[model], runners, mini, positions).items():
                         sums.setdefault(k, []).append(v)
-                    times.add("+".join(r.spec.name for r in runners), time.perf_counter() - t0, len(mini), tokens(mini))
+                    times.add("+".join(r.spec.name for r in runners), time.perf_counter() - t0, len(mini), tokens(mini),
+                              positions)
         out = {k: dist.combine(v) for k, v in sums.items()}
         out.update({f"lr/{model}": self.workers[model].lr() for model in by_model})
         for r in (r for runners in by_model.values() for r in runners):  # e.g. an adaptive KL coefficient moves
@@ -437,7 +539,7 @@ class Run:
                 out.update(r.after_update(batch))
         return dist.reduce_metrics(out)
 
-    def _train_model(self, worker: Worker, runners: list, mini: Batch) -> dict:
+    def _train_model(self, worker: Worker, runners: list, mini: Batch, positions: Optional[Positions] = None) -> dict:
         """One optimizer step of ``worker`` on a mini-batch: gradients accumulated over its
         micro-batches; each term's denominators are the whole mini-batch's (all ranks). Every
         rank makes as many forward/backward passes (DeepSpeed's gradient reductions are
@@ -451,7 +553,7 @@ class Run:
         bad = False
         for i in range(passes):
             if i < len(micros):
-                total = self._micro_loss(worker, runners, counts, needs, micros[i], metrics)
+                total = self._micro_loss(worker, runners, counts, needs, micros[i], metrics, positions)
             else:
                 total = self._idle_loss(worker, runners[0], needs)
             finite = bool(torch.isfinite(total.detach()).all())
@@ -466,10 +568,12 @@ class Run:
             out[f"grad_norm/{worker.name}"] = norm
         return out
 
-    def _micro_loss(self, worker: Worker, runners: list, counts: list, needs: set, micro: Batch, metrics: dict):
+    def _micro_loss(self, worker: Worker, runners: list, counts: list, needs: set, micro: Batch, metrics: dict,
+                    positions: Optional[Positions] = None):
         """The summed terms of ``runners`` on one micro-batch (one forward); their metrics go to ``metrics``."""
         micro = runners[0].inputs(micro, self.ctx)
-        cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs)}
+        with worker.autocast():  # the forward only; the loss maths and the backward run outside it
+            cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs, positions)}
         total = 0.0
         for r, c in zip(runners, counts):
             term = r.term(cols, c)
@@ -482,7 +586,9 @@ class Run:
         """A loss of exactly 0 from a real forward (of one row of this step's batch): its
         backward reaches every parameter the forward used, as on the ranks with rows."""
         row = runner.inputs(self._idle, self.ctx)
-        return sum((out.float() * 0.0).sum() for out in runner.outputs(worker, row, needs).values())
+        with worker.autocast():
+            outs = runner.outputs(worker, row, needs)
+        return sum((out.float() * 0.0).sum() for out in outs.values())
 
     # --- evaluation, checkpoints -----------------------------------------------------------------
     def evaluate(self, step: int) -> dict[str, float]:
@@ -538,6 +644,9 @@ class Run:
         checkpoint.save_final(self.out_dir, self.workers, self.policy)
 
     def close(self) -> None:
+        if getattr(self, "ahead", None) is not None:
+            self.ahead.close()
+            self.ahead = None
         if self.records:
             self.records.close()
         pool = getattr(getattr(self, "ctx", None), "rule_pool", None)

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+
+from rlflow.packing import Positions
 
 Rule = Callable[[str, dict], float]
 
@@ -100,9 +102,8 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_params(model) -> set[str]:
-    inner = getattr(model, "module", model)  # a DeepSpeed engine passes keywords through to its module
-    base = getattr(inner, "get_base_model", None)  # and a peft (LoRA) model to its base model
-    return set(inspect.signature((base() if base else inner).forward).parameters)
+    # a DeepSpeed engine passes keywords through to its module, a peft (LoRA) model to its base model
+    return set(inspect.signature(_unwrapped(model).forward).parameters)
 
 
 def _cache_from(output):
@@ -163,15 +164,16 @@ def _forward_last(model, ids, attention, positions, **kw):
     return _cache_from(out), out.logits[:, -1, :].float()
 
 
-def _draw(scaled: torch.Tensor, greedy: bool, top_k: int, top_p: float, generator, generators) -> torch.Tensor:
-    """The next token of each row from temperature-scaled logits [B, V]: argmax, or a draw
-    (from ``generators``, one per row, when given; else from ``generator``)."""
+def _draw(scaled: torch.Tensor, greedy: bool, top_k: int, top_p: float, generator, generators, rows) -> torch.Tensor:
+    """The next token of each decoding row from temperature-scaled logits [A, V]: argmax, or a
+    draw (from ``generators``, one per row of the whole batch, when given: every row's
+    generator draws, the rows ``rows`` [A] still decoding use theirs; else from ``generator``)."""
     if greedy:
         return scaled.argmax(dim=-1)
     probs = _filter_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return _inverse_cdf(probs, _uniforms(generators, probs.device))
+    return _inverse_cdf(probs, _uniforms(generators, probs.device)[rows])
 
 
 def _uniforms(generators: list, device) -> torch.Tensor:
@@ -242,6 +244,7 @@ class Sampled:
     response_mask: torch.Tensor
     logprobs: torch.Tensor
     truncated: torch.Tensor
+    computed: int = 0  # positions the forwards computed: the prefill [B, P], then the decoding batch of each step
 
 
 @torch.no_grad()
@@ -250,11 +253,12 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
            generator: torch.Generator | None = None, generators: list | None = None, synced: bool = False) -> Sampled:
     """Batched autoregressive sampling with a KV cache.
 
-    One prefill forward over the left-padded prompts, then one forward of ``[B, 1]`` per
-    new token against the cache. A row stops at its first EOS (which it keeps, with its
-    log-prob and mask 1); later columns of that row are ``pad_token_id`` with mask 0 and
-    log-prob 0. The loop ends when every row is done or after ``max_new_tokens`` steps,
-    so ``T`` is the longest response actually generated.
+    One prefill forward over the left-padded prompts, then one forward of ``[A, 1]`` per new
+    token against the cache, for the A rows still decoding: finished rows leave the batch,
+    with their cache, once they are a ``DROP_DONE_AT`` share of it (:func:`_drop_done`). A
+    row stops at its first EOS (kept, with its log-prob and mask 1); later columns are
+    ``pad_token_id`` with mask 0 and log-prob 0. The loop ends when every row is done or
+    after ``max_new_tokens`` steps, so ``T`` is the longest response actually generated.
 
     ``greedy=True`` takes the argmax and reports log-probs at temperature 1 (``temperature``,
     ``top_k`` and ``top_p`` are ignored). Otherwise the token is drawn from
@@ -264,7 +268,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     tokens do not depend on the other rows. ``top_k=0`` and ``top_p=1`` disable those filters.
     ``synced=True`` (several processes) runs the loop until every rank's rows are done: every
     rank makes as many forwards (collective under ZeRO-3) and gets the same width ``T``.
-    Inputs must already be on the model's device. Runs under ``torch.no_grad``.
+    Every row's generator draws at every step, finished or not, so that a row's tokens do
+    not depend on when the others finished. Inputs must be on the model's device; no grad.
     """
     _check_sampling(max_new_tokens, greedy, temperature, top_p, top_k)
     _check_left_padded(prompt_mask)
@@ -274,41 +279,70 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     scale = 1.0 if greedy else float(temperature)
 
     batch, device = prompt_ids.shape[0], prompt_ids.device
-    attention = prompt_mask.long()  # [B, P], grows by one column per step
+    attention = prompt_mask.long()  # [A, P], grows by one column per step (A rows still decoding)
     first_position = attention.sum(dim=1)  # [B] position id of response token 0
-
     cache, logits = _forward_last(model, prompt_ids, attention, _positions(attention), **prefill_extra)  # [B, V]: token 0
+    computed = prompt_ids.numel()
 
+    rows = torch.arange(batch, device=device)  # [A] the rows in the decoding batch
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
     ids_steps, lp_steps, mask_steps = [], [], []
     for step in range(max_new_tokens):
-        scaled = logits / scale  # [B, V]
-        token = _draw(scaled, greedy, top_k, top_p, generator, generators)  # [B]
-        live = ~done  # rows still generating: this token is theirs (EOS included)
-        token = torch.where(live, token, pad)
-        lp = torch.where(live, _token_logprob(scaled, token), 0.0)  # full-vocab log-prob
-        ids_steps.append(token)
-        lp_steps.append(lp)
-        mask_steps.append(live)
-        done = done | (live & (token == eos_token_id))
+        scaled = logits / scale  # [A, V]
+        live = ~done[rows]  # [A] rows still generating: this token is theirs (EOS included)
+        token = torch.where(live, _draw(scaled, greedy, top_k, top_p, generator, generators, rows), pad_token_id)  # [A]
+        lp = torch.where(live, _token_logprob(scaled, token), 0.0)  # [A] full-vocab log-prob
+        ids_steps.append(pad.index_put((rows,), token))  # [B]
+        lp_steps.append(torch.zeros(batch, device=device).index_put((rows,), lp))
+        mask_steps.append(torch.zeros_like(done).index_put((rows,), live))
+        done = done | (mask_steps[-1] & (ids_steps[-1] == eos_token_id))
         if step == max_new_tokens - 1 or _all_done(done, synced):
             break
-        attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
-        cache, logits = _forward_last(model, token.unsqueeze(1), attention, (first_position + step).unsqueeze(1),
+        rows, token, attention = _drop_done(rows, done, token, attention, cache)
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+        cache, logits = _forward_last(model, token.unsqueeze(1), attention, (first_position[rows] + step).unsqueeze(1),
                                       **{cache_kw: cache})
+        computed += len(rows)
 
-    return Sampled(
-        response_ids=torch.stack(ids_steps, dim=1),
-        response_mask=torch.stack(mask_steps, dim=1).float(),
-        logprobs=torch.stack(lp_steps, dim=1),
-        truncated=~done,
-    )
+    return Sampled(response_ids=torch.stack(ids_steps, dim=1), response_mask=torch.stack(mask_steps, dim=1).float(),
+                   logprobs=torch.stack(lp_steps, dim=1), truncated=~done, computed=computed)
+
+
+DROP_DONE_AT = 0.125  # the decoding batch drops its finished rows once they are this share of it
+
+
+def _drop_done(rows: torch.Tensor, done: torch.Tensor, token: torch.Tensor, attention: torch.Tensor, cache):
+    """``(rows, token, attention)`` of the decoding batch without its finished rows, and the KV
+    cache cut to match (``Cache.batch_select_indices``), once they are ``DROP_DONE_AT`` of it;
+    else as they are. A copy of the cache costs about one decoding step's cache update."""
+    keep = ~done[rows]  # [A]
+    if int(keep.sum()) > (1.0 - DROP_DONE_AT) * len(rows) or not bool(keep.any()):  # (synced: others still decode)
+        return rows, token, attention
+    index = keep.nonzero().squeeze(1)  # [A']
+    cache.batch_select_indices(index)
+    return rows[index], token[index], attention[index]
+
+
+def sampled_positions(prompt_mask: torch.Tensor, out: Sampled) -> tuple[int, int]:
+    """``(computed, useful)`` positions of the :func:`sample` call that gave ``out``. Useful are
+    the real prompt tokens and every response token but each row's last (which is drawn,
+    never fed); the rest is left padding and finished rows not yet dropped."""
+    r = (out.response_mask > 0).sum(1)
+    return out.computed, int((prompt_mask > 0).sum()) + int((r - 1).clamp(min=0).sum())
 
 
 # ---------------------------------------------------------------------------------------
 # Scoring a given response
 # ---------------------------------------------------------------------------------------
+#
+# Every function below runs one forward over prompt+response. ``padding_free=True`` (the
+# default) packs the batch's real tokens into a few rows (rlflow.packing: no padding
+# inside a sequence, attention confined to each sequence by restarting position ids) and
+# reads the outputs back into the [B, T] layout; ``padding_free=False`` runs the padded
+# [B, P+T] batch as it is. The two compute the same function: they differ by float
+# reassociation only (tested against each other, values and gradients). ``positions``,
+# when given, is told how many positions the forward computed and how many were real.
 
 
 def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
@@ -319,19 +353,85 @@ def _joined(prompt_ids, prompt_mask, response_ids, response_mask):
     return ids, attention, _positions(attention)
 
 
-def _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float) -> torch.Tensor:
-    """``[B, T, V]`` float32 logits / temperature that predict the response tokens: one forward.
+def _unwrapped(model):
+    """The Hugging Face module inside a DeepSpeed engine (or the module itself); of a peft
+    (LoRA) model, its base model, whose layers carry the adapter (``disable_adapter`` still acts)."""
+    inner = getattr(model, "module", model)
+    base = getattr(inner, "get_base_model", None)
+    return base() if base else inner
 
-    The logits at column ``P+t-1`` predict response token ``t``. Only the last ``T+1``
-    positions' logits are computed when the model accepts ``logits_to_keep``.
-    """
+
+def _hidden_size(inner) -> Optional[int]:
+    config = getattr(inner, "config", None)
+    return getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+
+
+def _useful(prompt_mask: torch.Tensor, response_mask: torch.Tensor, read: str) -> int:
+    """Real tokens a forward must see: prompt + response, less the last response token for
+    ``read="next"`` (it predicts nothing read; a row without a response needs nothing)."""
+    p, r = (prompt_mask > 0).sum(1), (response_mask > 0).sum(1)
+    if read == "next":
+        return int(torch.where(r > 0, p + r - 1, 0).sum())
+    return int((p + r).sum())
+
+
+def _packed_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, read: str, positions):
+    """Final hidden states [R·L, H] of the packed batch (``base_model``, no head) and its layout."""
+    from rlflow.packing import pack
+
+    _check_left_padded(prompt_mask)
+    inner = _unwrapped(model)
+    packed = pack(prompt_ids, prompt_mask, response_ids, response_mask, read=read, pad_id=_filler(inner.config),
+                  hidden=_hidden_size(inner))
+    if positions is not None:
+        positions.add(packed.computed, packed.useful)
+    hidden = _last_hidden(inner, packed.ids, None, packed.positions)  # [R, L, H]
+    return hidden.reshape(-1, hidden.shape[-1]), packed
+
+
+def _filler(config) -> int:
+    """A token id for the filler at the end of packed rows: any id works (each filler token is a
+    sequence of its own, never read), but not the pad id, whose presence in the last column
+    makes transformers warn about a missing attention mask."""
+    pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None) or 2
+    ids = [getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None), 0, 1]
+    return next(t for t in ids if isinstance(t, int) and t != pad and 0 <= t < vocab)
+
+
+def _lm_logits(inner, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits from final hidden states: its output embedding (the LM head),
+    then Gemma-2's final soft-capping where the config has one. A model whose forward does
+    more after its head should be run with ``padding_free=False``."""
+    logits = inner.get_output_embeddings()(hidden)
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float,
+                     padding_free: bool, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits / temperature [M, V] float32, valid [B, T])``: the logits that predict each of
+    the M response tokens (column ``P+t-1`` predicts token ``t``), in row-major order of
+    ``valid``. Padded: only the last ``T+1`` positions' logits are computed when the model
+    accepts ``logits_to_keep``; padding-free: only the M rows of the LM head are."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    if padding_free:
+        hidden, packed = _packed_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, "next", positions)
+        logits = _lm_logits(_unwrapped(model), hidden[packed.index[packed.valid]])  # [M, V]
+        return logits.float() / temperature, packed.valid
+    ids, attention, pos = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    if positions is not None:
+        positions.add(ids.numel(), _useful(prompt_mask, response_mask, "next"))
     n_resp = response_ids.shape[1]
     extra = {"logits_to_keep": n_resp + 1} if "logits_to_keep" in _forward_params(model) else {}
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, **extra)
-    return out.logits[:, -(n_resp + 1) : -1, :].float() / temperature  # [B, T, V]
+    out = model(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=False, **extra)
+    valid = response_mask > 0
+    return out.logits[:, -(n_resp + 1) : -1, :][valid].float() / temperature, valid  # [M, V]
+
+
+def _to_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-token values [M] back to the [B, T] layout, 0 where ``valid`` is False (with grad)."""
+    return torch.zeros(valid.shape, dtype=values.dtype, device=values.device).masked_scatter(valid, values)
 
 
 def response_logprobs(
@@ -342,18 +442,20 @@ def response_logprobs(
     response_mask: torch.Tensor,
     *,
     temperature: float = 1.0,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> torch.Tensor:
     """``[B, T]`` log-probs of the response tokens under ``model``, 0 on padding.
 
     One forward over prompt+response; the logits at column ``P+t-1`` predict response
     token ``t``; they are divided by ``temperature`` and the token's log-prob is taken as
-    ``logit - logsumexp(logits)`` (no ``[B, T, V]`` log-softmax). Only the last ``T+1``
-    positions' logits are computed when the model accepts ``logits_to_keep``. Carries
-    gradient when called with grad enabled; returns float32 whatever the model dtype.
+    ``logit - logsumexp(logits)`` (no ``[B, T, V]`` log-softmax). Only the response
+    positions' logits are computed (see ``_response_logits``). Carries gradient when
+    called with grad enabled; returns float32 whatever the model dtype.
     """
-    logits = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)  # [B, T, V]
-    lp = _token_logprob(logits, response_ids)  # [B, T]
-    return torch.where(response_mask > 0, lp, 0.0)
+    logits, valid = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature,
+                                     padding_free, positions)  # [M, V]
+    return _to_rows(_token_logprob(logits, response_ids[valid]), valid)
 
 
 def token_entropy(scaled_logits: torch.Tensor) -> torch.Tensor:
@@ -374,6 +476,8 @@ def response_logprobs_and_entropy(
     *,
     temperature: float = 1.0,
     entropy_grad: bool = False,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, T] log-probs, [B, T] entropies)`` of the response tokens from ONE forward.
 
@@ -386,10 +490,11 @@ def response_logprobs_and_entropy(
     ``[B, T, V]`` tensor is kept for the backward pass. ``entropy_grad=True`` lets it carry
     gradient (an entropy bonus in the loss); the softmax is then kept for backward.
     """
-    logits = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)  # [B, T, V]
-    lp = torch.where(response_mask > 0, _token_logprob(logits, response_ids), 0.0)  # [B, T]
+    logits, valid = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature,
+                                     padding_free, positions)  # [M, V]
+    lp = _to_rows(_token_logprob(logits, response_ids[valid]), valid)  # [B, T]
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = torch.where(response_mask > 0, token_entropy(logits), 0.0)  # [B, T]
+        entropy = _to_rows(token_entropy(logits), valid)  # [B, T]
     return lp, entropy
 
 
@@ -398,7 +503,8 @@ def _last_hidden(model, ids, attention, positions) -> torch.Tensor:
 
     ``model.base_model`` is the transformer without the LM head (``model.model`` for
     Llama, ``model.transformer`` for GPT-2); its ``last_hidden_state`` is exactly what
-    the LM head reads, so no logits are computed. A bare base model works too.
+    the LM head reads, so no logits are computed. A bare base model works too. With no
+    ``attention`` mask and restarting ``positions`` the rows are packed sequences.
     """
     base = getattr(model, "base_model", model)
     out = base(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
@@ -411,6 +517,9 @@ def last_token_hidden_state(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    *,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> torch.Tensor:
     """``[B, H]`` hidden state at the last valid response token, after it is read.
 
@@ -419,8 +528,13 @@ def last_token_hidden_state(
     with an empty response falls back to the last prompt token. Read from
     ``model.base_model`` (see ``_last_hidden``).
     """
-    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
-    hidden = _last_hidden(model, ids, attention, positions)  # [B, P+T, H]
+    if padding_free:
+        hidden, packed = _packed_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, "last", positions)
+        return hidden[packed.index]  # [B, H]
+    ids, attention, pos = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    if positions is not None:
+        positions.add(ids.numel(), _useful(prompt_mask, response_mask, "last"))
+    hidden = _last_hidden(_unwrapped(model), ids, attention, pos)  # [B, P+T, H]
     last = prompt_ids.shape[1] + (response_mask > 0).sum(dim=1) - 1  # [B]
     index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
     return hidden.gather(1, index).squeeze(1)
@@ -488,22 +602,40 @@ def greedy_accuracy(
 # ---------------------------------------------------------------------------------------
 
 
+def _scalar_head(inner):
+    """The scalar head of a token- or sequence-classification model (``score`` or ``classifier``)."""
+    return getattr(inner, "score", None) or getattr(inner, "classifier", None)
+
+
 def response_values(
     model,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    *,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> torch.Tensor:
     """``[B, T]`` critic values V(s_t) for a token-classification model with one label.
 
     The model's scalar output at column ``P+t-1`` (the state each response token is
     chosen from, ALGORITHMS.md §0.1), 0 on padding, float32. Carries gradient when grad
-    is enabled. ``model`` may be wrapped (a DeepSpeed engine): it is simply called.
+    is enabled. ``model`` may be wrapped (a DeepSpeed engine). Padding-free, the head
+    (``score`` or ``classifier``; dropout is off in rlflow) is applied to the base model's
+    hidden states at those positions only.
     """
-    ids, attention, positions = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    inner = _unwrapped(model)
+    head = _scalar_head(inner)
+    if padding_free and head is not None:
+        hidden, packed = _packed_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, "next", positions)
+        values = head(hidden[packed.index[packed.valid]]).squeeze(-1).float()  # [M]
+        return _to_rows(values, packed.valid)
+    ids, attention, pos = _joined(prompt_ids, prompt_mask, response_ids, response_mask)
+    if positions is not None:
+        positions.add(ids[:, :-1].numel(), _useful(prompt_mask, response_mask, "next"))
     n_resp = response_ids.shape[1]
-    out = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1])
+    out = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=pos[:, :-1])
     values = out.logits[:, -n_resp:, 0].float()  # [B, T]: columns P-1 .. P+T-2
     return torch.where(response_mask > 0, values, 0.0)
 
@@ -514,6 +646,9 @@ def sequence_scores(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    *,
+    padding_free: bool = True,
+    positions: Optional[Positions] = None,
 ) -> torch.Tensor:
     """``[B]`` reward-model scores.
 
@@ -524,12 +659,13 @@ def sequence_scores(
     A causal LM (a likelihood reward model, ``Model(..., reward_from="likelihood")``): the
     summed log-prob of the response, log π(y|x).
     """
-    inner = getattr(model, "module", model)  # unwrap a DeepSpeed engine
-    head = getattr(inner, "score", None) or getattr(inner, "classifier", None)
+    inner = _unwrapped(model)
+    head = _scalar_head(inner)
+    kw = {"padding_free": padding_free, "positions": positions}
     if head is None:
         if getattr(inner, "get_output_embeddings", lambda: None)() is not None:
-            return response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask).sum(-1)
+            return response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, **kw).sum(-1)
         raise ValueError(f"{type(inner).__name__} has no `score` or `classifier` head and is not a causal LM; "
                          "a reward model must be one of them")
-    hidden = last_token_hidden_state(inner, prompt_ids, prompt_mask, response_ids, response_mask)  # [B, H]
+    hidden = last_token_hidden_state(inner, prompt_ids, prompt_mask, response_ids, response_mask, **kw)  # [B, H]
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()

@@ -75,7 +75,8 @@ CODES = {
 WARNINGS = {"RF010", "RF016", "RF017", "RF018"}
 
 # Columns the engine consumes itself (metrics, samples), so writing them unread is fine.
-_ENGINE_READS = {"response", "truncated", "rewards", "answer", "prompt", "old_logprobs", "group", "greedy_response"}
+_ENGINE_READS = {"response", "truncated", "rewards", "answer", "prompt", "old_logprobs", "group", "greedy_response",
+                 "rollout_logprobs"}  # (the sampler's log-probs: kept for a rollout correction when asked)
 
 _HEAD_OF_NEED = {"logprobs": "lm", "values": "value", "scores": "reward"}
 
@@ -126,6 +127,39 @@ class PipelineGraph:
         them, so they could run concurrently); the update (Loss) nodes are not included."""
         g = self.graph.subgraph([n for n in self.graph if n != DATA and self.node(n).stage == "experience"])
         return [sorted(gen) for gen in nx.topological_generations(g)] if nx.is_directed_acyclic_graph(g) else []
+
+    def together(self, stage: list[str]) -> list[str]:
+        """The nodes of ``stage`` that the engine runs at the same time: with
+        ``Pipeline.concurrent_nodes``, those whose runner says how (``NodeRunner.concurrency``),
+        when there are at least two and at most one of them needs the main thread."""
+        if not self.pipeline.concurrent_nodes:
+            return []
+        how = {n: getattr(RUNNERS[self.node(n).kind], "concurrency", None) if self.node(n).kind in RUNNERS else None
+               for n in stage}
+        names = [n for n in stage if how[n]]
+        ok = len(names) >= 2 and sum(how[n] == "main" for n in names) <= 1 and self._separate_modules(names)
+        return names if ok else []
+
+    def _separate_modules(self, names: list[str]) -> bool:
+        """Whether the nodes ``names`` run distinct modules, none under ZeRO-3 (whose forwards
+        gather shards collectively): a LoRA model and its shared base are one module, whose
+        adapter one of them disables (``Worker.forwards``)."""
+        p = self.pipeline
+        owner = p.shared_bases()
+        used = [owner.get(m, m) for n in names for m in self.node(n).model_refs().values()]
+        return len(used) == len(set(used)) and not any(p.models[m].zero_stage == 3 for m in used if m in p.models)
+
+    def stage_title(self, i: int, stage: list[str]) -> str:
+        """``stage i`` and what in it runs at once; for the update, what overlaps it."""
+        p = self.pipeline
+        if self.node(stage[0]).stage == "update":
+            gen = self.generate()
+            ahead = f"  ‖ {gen.name} of the next batch (rollout_ahead=1)" if p.rollout_ahead and gen else ""
+            from rlflow.charts import plural
+
+            return f"update: {plural(p.ppo_epochs, 'epoch')} x {plural(p.mini_batches, 'mini-batch', 'mini-batches')}{ahead}"
+        together = self.together(stage)
+        return f"stage {i + 1}" + (f"  ({' ‖ '.join(together)} run at once)" if together else "")
 
 
 def _single_generate(pipeline: Pipeline) -> Optional[Generate]:
@@ -286,6 +320,7 @@ def _check_settings(pipeline: Pipeline, pg: PipelineGraph) -> None:
             if ref in pipeline.models and not pipeline.models[ref].train:
                 add(Problem("RF015", f"phases[{i}]", "train", f"phase trains model {ref!r}, which is frozen",
                             "a model with train=True", "train=False"))
+    _check_rollout(pipeline, pg)
     d = pipeline.data
     if d.eval_source and d.source.startswith("builtin:"):
         add(Problem("RF015", "data", "eval_source", f"{d.source} has its own held-out split", "eval_source=None", repr(d.eval_source)))
@@ -338,6 +373,31 @@ def _check_inert(pipeline: Pipeline, pg: PipelineGraph) -> None:
         if getattr(n, "length_alpha", None) is not None and getattr(n, "lambda_critic", None) is not None and _is_set(n, "lam"):
             add(Problem("RF018", n.name, "lam", f"lam={n.lam:g} has no effect: λ_actor is length-adaptive (length_alpha) "
                         "and λ_critic is lambda_critic", "lam unset", f"lam={n.lam:g}", severity="warning"))
+
+
+def _check_rollout(pipeline: Pipeline, pg: PipelineGraph) -> None:
+    """A rollout correction on a loss that is not a policy loss; rollout_ahead without what it needs."""
+    add = pg.problems.append
+    for n in pipeline.nodes:
+        if isinstance(n, LossSpec) and n.rollout_is and not n.declared.facts.get("entropy"):
+            add(Problem("RF015", n.name, "rollout_is", f"{n.label()} is not a policy loss; the rollout correction weighs "
+                        "a policy gradient", "rollout_is=None", repr(n.rollout_is)))
+    if not pipeline.rollout_ahead:
+        return
+    gen = _single_generate(pipeline)
+    if gen is None:
+        add(Problem("RF015", "pipeline", "rollout_ahead", "rollout_ahead generates the next batch ahead, which needs "
+                    "exactly one Generate node", "one Generate node", "none or several"))
+        return
+    if pipeline.models.get(gen.model) is not None and pipeline.models[gen.model].train and not gen.recompute_logprobs:
+        add(Problem("RF015", gen.name, "recompute_logprobs", "with rollout_ahead=1 the samples come from the weights "
+                    "before the last update; the ratio needs old log-probs from the weights being trained",
+                    "recompute_logprobs=True", "False"))
+    for f in pipeline.nodes:
+        if getattr(f, "declared", None) is not None and f.declared.facts.get("refills"):
+            add(Problem("RF015", f.name, "variant", f"{f.label()} refills: it draws more batches within a step, "
+                        "which rollout_ahead cannot generate ahead", "a filter that does not refill, or rollout_ahead=0",
+                        f.label()))
 
 
 def _check_models(pipeline: Pipeline, pg: PipelineGraph) -> None:

@@ -195,6 +195,29 @@ def _dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def compute_dtype(spec: Model):
+    """The dtype a model's matmuls run in (its ``precision``): the peak its MFU is measured against."""
+    return _dtype(spec.precision)
+
+
+def autocast_dtype(spec: Model):
+    """The autocast dtype of a model that keeps fp32 weights and computes in lower precision, or None.
+
+    ``precision="bf16"`` on a CPU (no CUDA) is autocast: the weights, the optimizer and its
+    master copy stay fp32 and the matmuls run in bf16 (AVX512-BF16 / AMX) inside
+    ``torch.autocast``, with norms, softmax and log-probs in fp32. On a GPU, bf16 is
+    DeepSpeed's: bf16 weights, fp32 master weights in the optimizer.
+    """
+    import torch
+
+    return torch.bfloat16 if spec.precision == "bf16" and not torch.cuda.is_available() else None
+
+
+def _weight_dtype(spec: Model):
+    """The dtype the weights are loaded and kept in: fp32 under autocast, else the precision's."""
+    return _dtype("fp32" if autocast_dtype(spec) is not None else spec.precision)
+
+
 def _quiet_transformers() -> None:
     """No per-file progress bars from transformers while loading and saving."""
     from transformers.utils import logging as hf_logging
@@ -219,7 +242,7 @@ def load_module(spec: Model, path: str):
     """The bare Hugging Face module for ``spec.head``: causal LM, token values, or sequence score."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    kw: dict[str, Any] = {"dtype": _dtype(spec.precision)}
+    kw: dict[str, Any] = {"dtype": _weight_dtype(spec)}
     try:
         if spec.head == "lm" or (spec.head == "reward" and spec.reward_from == "likelihood"):
             return AutoModelForCausalLM.from_pretrained(path, **kw)
@@ -297,9 +320,25 @@ def _save_adapter(module, directory: Path) -> None:
 NO_CLIP = 1e30  # a clip that never binds: DeepSpeed then still computes the norm (and skips a non-finite step)
 
 
+def fuse_activations(module) -> int:
+    """Swap GPT-2's ``gelu_new`` and ``gelu_fast`` (tanh-GELU written as five elementwise ops)
+    for torch's one-kernel tanh-GELU, the same formula (transformers' ``GELUTanh``: equal up to
+    float rounding, ~1e-7). On a small model those ops took a quarter of the step. The number
+    of modules swapped."""
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(parent, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 def _clips_itself(spec: Model) -> bool:
-    """Whether the worker (not DeepSpeed) clips gradients: plain fp32 ZeRO-0 only."""
-    return spec.zero_stage == 0 and spec.precision == "fp32"
+    """Whether the worker (not DeepSpeed) clips gradients: plain fp32 weights under ZeRO-0 only."""
+    return spec.zero_stage == 0 and _weight_dtype(spec) == _dtype("fp32")
 
 
 @dataclass
@@ -382,6 +421,16 @@ class Worker:
     def lr(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
+    def autocast(self):
+        """The context the model's forwards run in: ``torch.autocast`` when its precision is
+        autocast on this machine (:func:`autocast_dtype`), else a no-op."""
+        import contextlib
+
+        import torch
+
+        dtype = autocast_dtype(self.spec)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def save_pretrained(self, directory: Path) -> None:
         """The model (and tokenizer) as a directory ``from_pretrained`` can load. A LoRA
         model is saved merged (base + adapter), and its adapter alone in ``adapter/``."""
@@ -450,6 +499,7 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
         shared[path] = tokenizer
     module = load_module(spec, path)
     disable_dropout(module)
+    fuse_activations(module)
     if spec.head != "lm" and module.config.pad_token_id is None:
         module.config.pad_token_id = tokenizer.pad_token_id
     if spec.train and spec.lora is not None:
@@ -462,7 +512,7 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
             engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config(spec, _hidden(module)))
             engine.eval()
         else:
-            engine = deepspeed.init_inference(module, dtype=_dtype(spec.precision), replace_with_kernel_inject=False)
+            engine = deepspeed.init_inference(module, dtype=_weight_dtype(spec), replace_with_kernel_inject=False)
         return Worker(name, spec, engine, engine.module, tokenizer, path, device)
 
     module.train()
@@ -491,7 +541,8 @@ def _adamw(spec: Model, params):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    # fused: one kernel for every parameter's update (4x faster than foreach on the CPU; the same maths)
+    return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, fused=True)
 
 
 def build_ops(cpu_adam: bool = False) -> None:
@@ -528,7 +579,7 @@ def ds_config(spec: Model, hidden: Optional[int] = None) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": 1,  # the engine splits micro-batches itself
         "gradient_accumulation_steps": 1,  # and marks the accumulation boundary itself
         "zero_optimization": zero,
-        "bf16": {"enabled": spec.precision == "bf16"},
+        "bf16": {"enabled": spec.precision == "bf16" and autocast_dtype(spec) is None},  # autocast: fp32 optimizer
         "fp16": {"enabled": spec.precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

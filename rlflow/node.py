@@ -10,7 +10,7 @@ what they were built with, so the scheduler is free to order them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from rlflow.registry import Registry
 
@@ -24,6 +24,7 @@ class Context:
     step: int = 0
     seed: int = 0  # the run's seed: Generate seeds each prompt's sampler with (seed, step, prompt)
     rule_pool: Any = None  # rlflow.rules.RulePool of the run: reward rules run in its worker processes
+    positions: Any = None  # rlflow.packing.Positions of this node run: what its forwards computed (set by the engine)
 
 
 RUNNERS: Registry[type] = Registry("node runner")
@@ -35,7 +36,15 @@ def runner(kind: str):
 
 
 class NodeRunner:
-    """Base of every runner: holds the node's validated spec."""
+    """Base of every runner: holds the node's validated spec.
+
+    ``concurrency`` says how the engine may run the node beside the other nodes of its
+    stage (no path between them; rlflow.overlap): "thread" (in a thread of its own, on a
+    view of the batch), "main" (in the main thread while the others run in theirs), or
+    None (alone: e.g. it replaces the batch's rows).
+    """
+
+    concurrency: Optional[str] = None
 
     def __init__(self, spec):
         self.spec = spec
@@ -57,3 +66,17 @@ class ModelRunner(NodeRunner):
     def inputs(self, batch, ctx: Context):
         """``batch`` with every tensor on the model's device (the same batch when already there)."""
         return batch.to(self.worker(ctx).device)
+
+
+def layout(worker, ctx: Context) -> dict[str, Any]:
+    """Keywords of the scoring functions of ``rlflow.forward`` for ``worker``'s model in this
+    node run: its layout (:func:`packs`) and the run's position count."""
+    return {"padding_free": packs(worker.spec), "positions": ctx.positions}
+
+
+def packs(spec) -> bool:
+    """Whether the forwards of model ``spec`` run packed (``Model.padding_free``). Not under
+    ZeRO-3: its parameters are gathered by hooks traced over whole-model forwards, and the
+    packed path calls the model's parts (the transformer, then the head on the response
+    positions), which gave wrong gradients for a tied embedding (tests/test_spmd.py)."""
+    return spec.padding_free and spec.zero_stage != 3

@@ -24,31 +24,46 @@ REWARD_WINDOW_SHARE = 5  # ... and at most a fifth of the run
 
 @dataclass
 class NodeTime:
+    """A node's work in one step. ``positions`` are the token positions its model forwards
+    computed, ``useful`` those that held a real token (rlflow.packing.Positions); a node
+    that runs no model has none."""
+
     seconds: float = 0.0
     rows: int = 0
     tokens: int = 0
+    positions: int = 0
+    useful: int = 0
 
-    def add(self, seconds: float, rows: int, tokens: int) -> None:
+    def add(self, seconds: float, rows: int, tokens: int, positions=None) -> None:
         self.seconds += seconds
         self.rows += rows
         self.tokens += tokens
+        if positions is not None:
+            self.positions += positions.computed
+            self.useful += positions.useful
 
     def as_dict(self) -> dict[str, float]:
-        return {"seconds": round(self.seconds, 6), "rows": self.rows, "tokens": self.tokens,
-                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
+        out = {"seconds": round(self.seconds, 6), "rows": self.rows, "tokens": self.tokens,
+               "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
+        if self.positions:
+            out.update(positions=self.positions, useful_positions=self.useful,
+                       padding_frac=round(1.0 - self.useful / self.positions, 4))
+        return out
 
 
 class Timings(dict):
     """Node name -> :class:`NodeTime` for one step."""
 
-    def add(self, key: str, seconds: float, rows: int, tokens: int) -> None:
-        self.setdefault(key, NodeTime()).add(seconds, rows, tokens)
+    def add(self, key: str, seconds: float, rows: int, tokens: int, positions=None) -> None:
+        self.setdefault(key, NodeTime()).add(seconds, rows, tokens, positions)
 
     def as_metrics(self) -> dict[str, Metric]:
-        """Each node's seconds (Max: the slowest rank), rows and tokens (Sum: all ranks)."""
+        """Each node's seconds (Max: the slowest rank), rows, tokens and positions computed and
+        useful (Sum: all ranks)."""
         out: dict[str, Metric] = {}
         for k, t in self.items():
-            out.update({f"{k}{_SEP}seconds": Max(t.seconds), f"{k}{_SEP}rows": Sum(t.rows), f"{k}{_SEP}tokens": Sum(t.tokens)})
+            out.update({f"{k}{_SEP}seconds": Max(t.seconds), f"{k}{_SEP}rows": Sum(t.rows), f"{k}{_SEP}tokens": Sum(t.tokens),
+                        f"{k}{_SEP}positions": Sum(t.positions), f"{k}{_SEP}useful": Sum(t.useful)})
         return out
 
     @classmethod
@@ -152,7 +167,7 @@ class Records:
             "reward/end": end,
             "reward/window": k,
             "nodes": node_totals(self.history),
-            "mfu": _means(self.history, "perf/mfu/"),
+            "mfu": prefixed_means(self.history, "perf/mfu/"),
             "out_dir": str(self.out_dir),
         }
 
@@ -185,7 +200,7 @@ def node_totals(history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                 "tokens_per_s": round(toks[n] / sum(v), 1) if sum(v) > 0 else 0.0} for n, v in seconds.items()}
 
 
-def _means(history: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+def prefixed_means(history: list[dict[str, Any]], prefix: str) -> dict[str, float]:
     """The mean over ``history`` of every number whose key starts with ``prefix``."""
     found: dict[str, list[float]] = {}
     for rec in history:

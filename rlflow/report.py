@@ -19,11 +19,11 @@ from rich.text import Text
 
 from rlflow.charts import PALETTE, Series, bar_chart, legend, line_chart, num, plural, sparkline
 from rlflow.loader import UserError
-from rlflow.records import node_totals, reward_window
+from rlflow.records import node_totals, prefixed_means, reward_window
 
 # charts in the order shown: a metric, or a prefix that gives one chart per metric under it
 CURVES = ("reward/mean", "reward/", "eval/", "kl/mean", "rewards/kl_penalty", "entropy/mean", "response_length/mean",
-          "grad_norm/", "clip_frac")
+          "grad_norm/", "clip_frac", "perf/mfu")
 CHART_HEIGHT = 6
 MIN_CHART_WIDTH = 44
 
@@ -170,11 +170,16 @@ def curves(runs: list[RunData], width: int) -> Text:
 
 
 def node_bars(run: RunData, width: int) -> Text:
-    """Time per node over the run, the slowest first: bar, total seconds, share, tokens/s."""
+    """Time per node over the run, the slowest first: bar, total seconds, share, tokens/s and
+    the MFU of the node's model (its mean ``perf/mfu/<model>``, where recorded)."""
+    from rlflow.view import mfu_by_node, node_models
+
     totals = node_totals(run.records)
+    mfu = mfu_by_node(totals, prefixed_means(run.records, "perf/mfu/"), node_models(run.config or {}))
     whole = sum(v["total_s"] for v in totals.values()) or 1.0
     rows = [(name, v["total_s"], f"{v['total_s']:.2f}s {100 * v['total_s'] / whole:5.1f}%  "
-             + (f"{v['tokens_per_s']:.0f} tok/s" if v["tokens_per_s"] else "-"))
+             + (f"{v['tokens_per_s']:.0f} tok/s" if v["tokens_per_s"] else "-")
+             + (f"  MFU {100 * mfu[name]:.1f}%" if name in mfu else ""))
             for name, v in sorted(totals.items(), key=lambda kv: -kv[1]["total_s"])]
     return bar_chart(rows, width, run.color)
 

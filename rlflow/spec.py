@@ -141,6 +141,9 @@ class Model(Spec):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward instead of keeping them")
     micro_batch_size: Optional[int] = Field(None, ge=1, description="rows per forward/backward; None = whole mini-batch")
     lora: Optional[LoRA] = Field(None, description="train a LoRA adapter instead of every weight (head='lm' only)")
+    padding_free: bool = Field(True, description="score and train on the batch's sequences packed without padding "
+                               "(rlflow.packing); False: the padded [B, P+T] batch, e.g. for a model whose attention "
+                               "ignores restarting position ids")
 
     def __init__(self, path: Optional[str] = None, /, **kw: Any):
         if path is not None:
@@ -377,6 +380,8 @@ class Generate(ModelNode):
 
     def writes(self):
         out = {**_RESPONSE, "old_logprobs": "token", "truncated": "seq", "response": "text"}
+        if self.recompute_logprobs:  # the sampler's own log-probs, kept beside the trainer's
+            out["rollout_logprobs"] = "token"
         if self.greedy_baseline:
             out |= {"greedy_response_ids": "token", "greedy_response_mask": "token", "greedy_response": "text"}
         return out
@@ -569,9 +574,21 @@ class LossSpec(AdaptiveKl, _VariantNode, ModelNode):
     temperature: Optional[float] = Field(None, gt=0, description=_FROM_GENERATE.format("temperature") + "; 1 without one")
     agg_constant: Optional[float] = Field(None, gt=0, description="C of agg='seq-mean-token-sum-norm'; "
                                           + _FROM_GENERATE.format("max_new_tokens"))
+    rollout_is: Optional[Literal["token", "seq"]] = Field(
+        None, description="policy losses: weigh each token's term by the sampler/trainer importance ratio "
+        "π_old/π_rollout (token) or its product over the sequence (seq), truncated or masked as rollout_is_mode says; "
+        "needs Generate(recompute_logprobs=True). None: off")
+    rollout_is_mode: Literal["truncate", "mask"] = Field(
+        "truncate", description="truncate: w = min(r, rollout_is_max) (truncated IS, as verl, TRL, OpenRLHF); "
+        "mask: w = r inside [rollout_is_min, rollout_is_max], 0 outside (IcePop)")
+    rollout_is_max: float = Field(2.0, gt=1, description="upper bound C of the rollout importance ratio")
+    rollout_is_min: float = Field(0.5, ge=0, lt=1, description="lower bound of the ratio in mode 'mask'")
 
     def reads(self):
-        return {**_PROMPT, **_RESPONSE, self.mask: "token", **super().reads()}
+        out = {**_PROMPT, **_RESPONSE, self.mask: "token", **super().reads()}
+        if self.rollout_is:
+            out |= {"old_logprobs": "token", "rollout_logprobs": "token"}
+        return out
 
     @property
     def needs(self) -> str:
@@ -673,6 +690,12 @@ class Pipeline(Spec):
     max_skipped_steps: int = Field(3, ge=1, description="stop (with a checkpoint of the last finite weights) after this "
                                    "many steps in a row whose update was skipped for a non-finite loss or gradient")
     phases: list[Phase] = Field(default_factory=list)
+    rollout_ahead: int = Field(0, ge=0, le=1, description="1: generate the next batch (from a copy of the policy taken "
+                               "before this update) while the models train on this one; samples are then one iteration "
+                               "stale, so the Generate node must recompute_logprobs, and a policy loss may correct the "
+                               "mismatch with rollout_is. 0: generate, then train")
+    concurrent_nodes: bool = Field(True, description="experience nodes with no path between them (Score, RefLogprob, "
+                                   "Value after Generate) run at the same time, each in a thread")
 
     @model_validator(mode="after")
     def _phase_starts(self) -> "Pipeline":

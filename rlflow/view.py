@@ -43,7 +43,7 @@ def _shown_keys(node) -> list[str]:
     ``coef``; any other node its fields. ``rlflow graph --all`` shows every field."""
     declared = getattr(node, "declared", None)
     if declared is not None:
-        return list(declared.params) + ["kl", "kl_target", "kl_horizon", "coef", "mask"]
+        return list(declared.params) + ["kl", "kl_target", "kl_horizon", "coef", "mask", "rollout_is"]
     return list(node.params())
 
 
@@ -135,10 +135,9 @@ def render_graph(pg: PipelineGraph, everything: bool = False) -> Tree:
     data.add(Text("writes " + ", ".join(p.data.writes()), style="dim"))
     stages = pg.stages()
     updates = [n.name for n in p.nodes if n.stage == "update"]
-    loop = Text(f"update: {plural(p.ppo_epochs, 'epoch')} x {plural(p.mini_batches, 'mini-batch', 'mini-batches')}", style="bold")
     effects = phase_effects(p)
     for i, names in enumerate(stages + ([updates] if updates else [])):
-        branch = root.add(loop if i == len(stages) else Text(f"stage {i + 1}", style="bold"))
+        branch = root.add(Text(pg.stage_title(i, names), style="bold"))
         for name in names:
             _add_node(branch, pg, name, everything, colors, effects.get(name))
     if p.phases:

@@ -68,6 +68,9 @@ def watched(run: Run) -> tuple[dict, list]:
             faults.extend(f"{name} read {type(t).__name__} {tuple(t.shape)}" for t in tensors(args, kwargs) if type(t) is not tag)
 
         w.module.register_forward_pre_hook(check, with_kwargs=True)
+        base = getattr(w.module, "base_model", None)  # the packed forwards call the transformer, then the head
+        if base is not None and base is not w.module:
+            base.register_forward_pre_hook(check, with_kwargs=True)
     return calls, faults
 
 

@@ -142,7 +142,7 @@ def test_logprobs_and_entropy_from_one_forward_padded_and_gradient():
     ids, mask = left_pad(PROMPTS * 4)
     args = (model, ids, mask, out.response_ids, out.response_mask)
     calls = []
-    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    handle = model.base_model.register_forward_hook(lambda *a: calls.append(1))  # the transformer, head or not
     lp, ent = response_logprobs_and_entropy(*args, temperature=0.7)
     handle.remove()
     assert len(calls) == 1  # one forward for both
@@ -166,7 +166,7 @@ def test_logprobs_and_entropy_from_one_forward_padded_and_gradient():
 
 def test_eos_is_in_the_mask_and_everything_after_is_padding():
     model = tiny_llama(eos_bias=1.5)
-    out = _draw(model, 1, max_new_tokens=8)
+    out = _draw(model, 4, max_new_tokens=8)  # a seed that gives both kinds of row
     ids, mask, lps = out.response_ids, out.response_mask, out.logprobs
     B, T = ids.shape
     assert mask.dtype == torch.float32 and ids.dtype == torch.long and out.truncated.dtype == torch.bool
@@ -424,3 +424,20 @@ def test_right_padded_prompts_are_refused():
         sample(model, ids, mask, max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD)
     with pytest.raises(ValueError, match="left-padded"):
         response_logprobs(model, ids, mask, torch.tensor([[5]]), torch.ones(1, 1))
+
+
+def test_finished_rows_leave_the_decoding_batch_and_change_nothing(monkeypatch):
+    # greedy: the same responses and log-probs whether finished rows are dropped or decoded on
+    import rlflow.forward as fwd
+
+    model = tiny_llama(seed=0)  # greedy rows of lengths 1, 5 and 10: some end early, some run to the limit
+    ids, mask = left_pad(PROMPTS * 4)
+    kw = dict(max_new_tokens=10, greedy=True, eos_token_id=EOS, pad_token_id=PAD)
+    dropped = sample(model, ids, mask, **kw)
+    monkeypatch.setattr(fwd, "DROP_DONE_AT", 2.0)  # never drop
+    kept = sample(model, ids, mask, **kw)
+    assert torch.equal(dropped.response_ids, kept.response_ids) and torch.equal(dropped.response_mask, kept.response_mask)
+    torch.testing.assert_close(dropped.logprobs, kept.logprobs, atol=1e-5, rtol=0)
+    B, P, T = ids.shape[0], ids.shape[1], kept.response_ids.shape[1]
+    assert kept.computed == B * P + B * (T - 1)  # every row decoded at every step
+    assert dropped.computed < kept.computed and int(kept.truncated.sum()) < B  # some rows ended early, and left

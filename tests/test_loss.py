@@ -800,8 +800,9 @@ def test_runner_outputs_entropy_from_the_same_forward(needs, grad_expected):
     micro = {"prompt_ids": torch.tensor([[0, 3, 4], [5, 6, 7]]), "prompt_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
              "response_ids": torch.tensor([[8, 9], [2, 0]]), "response_mask": torch.tensor([[1.0, 1.0], [1.0, 0.0]])}
     calls = []
-    model.register_forward_hook(lambda *a: calls.append(1))
-    out = LossRunner(Loss("clip", temperature=0.7)).outputs(SimpleNamespace(engine=model), micro, needs)
+    model.model.register_forward_hook(lambda *a: calls.append(1))  # the transformer: one pass, head or not
+    worker = SimpleNamespace(engine=model, spec=SimpleNamespace(padding_free=True, zero_stage=0))
+    out = LossRunner(Loss("clip", temperature=0.7)).outputs(worker, micro, needs)
     assert len(calls) == 1 and out["logprobs"].requires_grad
     if grad_expected is None:
         assert set(out) == {"logprobs"}

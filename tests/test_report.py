@@ -67,6 +67,18 @@ def test_dashboard_fits_the_width_and_has_every_part(tmp_path, width):
     assert "min 0.21  max 0.5" in text  # the reward curve's min and max
 
 
+def test_time_per_node_shows_the_mfu_of_each_nodes_model(tmp_path):
+    path = fake_run(tmp_path, "grpo", steps=4)
+    recs = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    for i, r in enumerate(recs):  # the actor's MFU 1 %, 2 %, 3 %, 4 %: mean 2.5 %; generate and loss run the actor
+        r.update({"perf/mfu/actor": 0.01 * (i + 1), "perf/mfu": 0.02})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = text_of(dashboard([load_run(path)], 120, samples=0), 120)
+    bars = [line for line in text.splitlines() if "tok/s" in line]
+    assert len(bars) == 2 and all("MFU 2.5%" in line for line in bars), bars
+    assert "perf/mfu" in text  # and its curve
+
+
 def test_reward_start_and_end_is_one_figure(tmp_path):
     """The headline's reward start -> end is the summary's (mean of the first and last k steps)."""
     run = load_run(fake_run(tmp_path, "grpo", steps=30))

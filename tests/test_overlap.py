@@ -1,0 +1,216 @@
+"""Overlap and rollout correction: the importance weights by hand, their validation, nodes of
+one stage run at once with the same result, and the one-step-ahead rollout (rlflow.overlap).
+Uses builtin:tiny-arith-init. No timing is asserted."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from rlflow.nodes.loss import _floats, rollout_correction
+from rlflow.nodes.masked import count
+from rlflow import Advantage, Filter, Generate, Loss, Model, Pipeline, Prompts, RefLogprob, Score, Value
+from rlflow import perf
+from rlflow.engine import Run
+from rlflow.graph import build
+from rlflow.spec import LOSSES
+
+INIT = "builtin:tiny-arith-init"
+
+
+def length(response, row):
+    return float(len(response))
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def fixed_peak(monkeypatch):
+    monkeypatch.setattr(perf, "peak_flops", lambda device, dtype: 1e11)
+
+
+# --- the weights by hand ----------------------------------------------------------------------
+
+
+def test_token_truncation_by_hand():
+    # log r = old - rollout: [ln 3, ln 0.5 | ln 1.5, (pad)] -> r = [3, 0.5 | 1.5, -]; min(r, 2) = [2, 0.5 | 1.5, 0]
+    old = t([[math.log(3.0), math.log(0.5)], [math.log(1.5), 7.0]])
+    rollout = torch.zeros(2, 2, dtype=torch.float64)
+    mask = t([[1, 1], [1, 0]])
+    w, m = rollout_correction(old, rollout, mask, level="token", mode="truncate", low=0.5, high=2.0)
+    m = _floats(m)  # the metrics are sums still on the device (rlflow.dist.Lazy)
+    torch.testing.assert_close(w, t([[2.0, 0.5], [1.5, 0.0]]))
+    assert float(m["rollout_is/mean"]) == pytest.approx(4.0 / 3)
+    assert float(m["rollout_is/clipped_frac"]) == pytest.approx(1 / 3)  # the 3 was cut to 2
+    # KL(π_rollout || π_old) by k1: mean of rollout - old over the 3 tokens
+    assert float(m["rollout_is/kl"]) == pytest.approx(-(math.log(3) + math.log(0.5) + math.log(1.5)) / 3)
+
+
+def test_sequence_level_and_icepop_mask_by_hand():
+    # row 0: r_seq = 3 · 0.5 = 1.5 on both tokens; row 1: r_seq = 4 (one token)
+    old = t([[math.log(3.0), math.log(0.5)], [math.log(4.0), 0.0]])
+    rollout = torch.zeros(2, 2, dtype=torch.float64)
+    mask = t([[1, 1], [1, 0]])
+    w, _ = rollout_correction(old, rollout, mask, level="seq", mode="truncate", low=0.5, high=2.0)
+    torch.testing.assert_close(w, t([[1.5, 1.5], [2.0, 0.0]]))
+    # IcePop: r kept inside [0.5, 2], 0 outside: token level 3 -> 0, 0.5 kept, 4 -> 0
+    w, m = rollout_correction(old, rollout, mask, level="token", mode="mask", low=0.5, high=2.0)
+    m = _floats(m)
+    torch.testing.assert_close(w, t([[0.0, 0.5], [0.0, 0.0]]))
+    assert float(m["rollout_is/masked_frac"]) == pytest.approx(2 / 3)
+
+
+def test_the_weight_multiplies_the_policy_term_and_is_one_on_policy():
+    from rlflow.nodes.loss import LossRunner
+
+    g = torch.Generator().manual_seed(0)
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    lp = (-torch.rand(2, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    cols = {"logprobs": lp, "entropy": torch.zeros(2, 3, dtype=torch.float64), "response_mask": mask,
+            "old_logprobs": lp.detach() - 0.1, "advantages": t([[1.0] * 3, [-1.0] * 3]), "group": torch.tensor([0, 0])}
+    counts = count(mask, cols["group"], constant=1.0)
+    plain = LossRunner(Loss("clip")).term(cols, counts)
+    same = LossRunner(Loss("clip", rollout_is="token")).term({**cols, "rollout_logprobs": cols["old_logprobs"]}, counts)
+    assert float(same.loss.detach()) == pytest.approx(float(plain.loss.detach()), abs=1e-12) and same.metrics["rollout_is/mean"] == 1.0
+    # sampler log-probs 0.2 lower everywhere: w = e^0.2 per token, the pg term scaled by it (no KL here)
+    off = LossRunner(Loss("clip", rollout_is="token")).term({**cols, "rollout_logprobs": cols["old_logprobs"] - 0.2}, counts)
+    assert float(off.loss.detach()) == pytest.approx(math.exp(0.2) * float(plain.loss.detach()), rel=1e-9)
+    assert off.metrics["rollout_is/kl"] == pytest.approx(-0.2)
+
+
+def test_every_policy_loss_takes_the_correction():
+    policy = [v.name for v in LOSSES.variants() if v.facts.get("entropy")]
+    assert {"clip", "clip_higher", "gspo", "cispo", "sapo", "pg"} <= set(policy)
+    for name in policy:
+        assert "rollout_logprobs" in Loss(name, rollout_is="seq").reads()
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def grpo(*, gen=None, loss=None, nodes_after=(), **kw) -> Pipeline:
+    actor = Model(INIT, train=True, lr=1e-3, grad_clip=None)
+    return Pipeline(name="t", data=Prompts("builtin:arith", batch_size=4), models={"actor": actor, "ref": actor.frozen()},
+                    nodes=[gen or Generate("actor", n=4, max_new_tokens=6, recompute_logprobs=True), Score(rule=length),
+                           RefLogprob("ref"), Advantage("group_norm"), loss or Loss("clip", kl_coef=0.04), *nodes_after],
+                    **{"steps": 1, "eval": None, **kw})
+
+
+def codes(p: Pipeline) -> list[tuple[str, str, str]]:
+    return [(x.code, x.node, x.field) for x in build(p).errors]
+
+
+def test_validation_of_rollout_settings():
+    assert codes(grpo(loss=Loss("clip", rollout_is="token"), rollout_ahead=1)) == []
+    # the sampler's log-probs exist only when Generate recomputes the old ones
+    assert codes(grpo(gen=Generate("actor", n=4), loss=Loss("clip", rollout_is="token"))) == [
+        ("RF003", "loss", "rollout_logprobs")]
+    assert codes(grpo(gen=Generate("actor", n=4), rollout_ahead=1)) == [("RF015", "generate", "recompute_logprobs")]
+    p = grpo(loss=Loss("clip"), nodes_after=[Loss("nll", rollout_is="token", name="nll")])
+    assert ("RF015", "nll", "rollout_is") in codes(p)
+    assert ("RF015", "filter", "variant") in codes(grpo(nodes_after=[Filter("dynamic")], rollout_ahead=1))
+
+
+# --- nodes of one stage at once ----------------------------------------------------------------
+
+
+def ppo(concurrent: bool) -> Pipeline:
+    actor = Model(INIT, train=True, lr=1e-3, grad_clip=None)
+    return Pipeline(name="t", data=Prompts("builtin:arith", batch_size=4),
+                    models={"actor": actor, "ref": actor.frozen(), "critic": actor.critic(lr=1e-3)},
+                    nodes=[Generate("actor", n=2, max_new_tokens=6), Score(rule=length), RefLogprob("ref"), Value("critic"),
+                           Advantage("gae", kl_coef=0.05), Loss("clip"), Loss("value", model="critic", name="critic_loss")],
+                    steps=2, eval=None, concurrent_nodes=concurrent)
+
+
+def test_a_stage_runs_at_once_with_the_same_result(tmp_path, monkeypatch):
+    from rlflow.nodes.ref_logprob import RefLogprobRunner
+    from rlflow.nodes.score import ScoreRunner
+    from rlflow.nodes.value import ValueRunner
+
+    seen: dict[str, set[str]] = {}
+    for cls in (ScoreRunner, RefLogprobRunner, ValueRunner):
+        def wrapped(self, batch, ctx, _run=cls.run):
+            seen.setdefault(self.spec.name, set()).add(threading.current_thread().name)
+            return _run(self, batch, ctx)
+        monkeypatch.setattr(cls, "run", wrapped)
+    records, batches = {}, {}
+    for concurrent in (False, True):
+        seen.clear()
+        run = Run(ppo(concurrent), build(ppo(concurrent)), tmp_path / str(concurrent))
+        run.setup()
+        assert build(run.pipeline).stages()[1] == ["ref_logprob", "score", "value"]
+        records[concurrent], batches[concurrent] = run._step(1)
+        run.close()
+        threads = {name: next(iter(names)) for name, names in seen.items()}
+        assert threads["score"] == threading.main_thread().name  # the rules' SIGALRM needs the main thread
+        if concurrent:
+            assert threads["ref_logprob"].startswith("rlflow-node") and threads["value"].startswith("rlflow-node")
+        else:
+            assert set(threads.values()) == {threading.main_thread().name}
+    a, b = batches[False], batches[True]
+    assert set(a.keys()) == set(b.keys())
+    for k in ("rewards", "ref_logprobs", "values", "advantages", "returns"):
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
+    for k in ("loss/pg", "loss/value", "reward/mean", "values/mean"):
+        assert records[True][k] == records[False][k], k
+    assert set(records[True]["nodes"]) == set(records[False]["nodes"])
+
+
+# --- one step ahead -----------------------------------------------------------------------------
+
+
+def test_rollout_ahead_samples_from_the_weights_before_the_last_update(tmp_path):
+    p = grpo(loss=Loss("clip", kl_coef=0.04, rollout_is="token"), rollout_ahead=1, steps=3)
+    run = Run(p, build(p), tmp_path / "ahead")
+    run.setup()
+    before: list[torch.Tensor] = []
+    launch = run.ahead.launch
+
+    def spy(prompts, ctx):  # the weights each rollout samples from
+        before.append(torch.cat([q.detach().flatten().clone() for q in run.workers["actor"].module.parameters()]))
+        return launch(prompts, ctx)
+
+    run.ahead.launch = spy
+    recs = [run._step(i)[0] for i in (1, 2, 3)]
+    trained = torch.cat([q.detach().flatten() for q in run.workers["actor"].module.parameters()])
+    run.close()
+    # launches: batch 1 and batch 2 at step 1 (weights θ0), batch 3 at step 2 (θ1), batch 4 at step 3 (θ2)
+    assert len(before) == 4 and torch.equal(before[0], before[1]) and not torch.equal(before[1], before[2])
+    assert not torch.equal(before[3], trained)  # the last launch saw θ2, before the third update
+    assert [r["rollout/staleness"] for r in recs] == [0.0, 1.0, 1.0]
+    # step 1 samples from the weights it trains: sampler and trainer log-probs agree; later they do not
+    assert recs[0]["generate/rollout_logprob_diff"] < 1e-5 and recs[1]["generate/rollout_logprob_diff"] > 1e-3
+    for r in recs:  # old log-probs are the trainer's: the first ratio of every update is 1
+        assert r["ratio/mean"] == pytest.approx(1.0, abs=1e-5)
+        assert "rollout_is/mean" in r and r["update/nonfinite_skipped/actor"] == 0.0
+
+
+def test_rollout_ahead_is_refused_with_several_processes(tmp_path, monkeypatch):
+    from rlflow import dist
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    p = grpo(rollout_ahead=1)
+    run = Run(p, build(p), tmp_path / "r")
+    with pytest.raises(ValueError, match="single process"):
+        run._rollout_ahead()
+
+
+def test_the_graph_view_shows_what_runs_at_once():
+    from rlflow.view import render_graph
+    from rich.console import Console
+
+    def text(p):
+        console = Console(width=200, record=True, color_system=None)
+        console.print(render_graph(build(p)))
+        return console.export_text()
+
+    assert "stage 2  (ref_logprob ‖ score ‖ value run at once)" in text(ppo(True))
+    assert "run at once" not in text(ppo(False))
+    ahead = text(grpo(loss=Loss("clip", rollout_is="token"), rollout_ahead=1))
+    assert "‖ generate of the next batch (rollout_ahead=1)" in ahead and "rollout_is=token" in ahead
