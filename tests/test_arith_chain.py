@@ -115,3 +115,25 @@ def test_tiny_arith_chain_builds_through_the_sft_path(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(";") == 16
+
+
+def test_a_shipped_pipeline_moves_to_the_chain_task_by_overrides():
+    import json
+    from pathlib import Path
+
+    from rlflow.arith_chain import MAX_NEW_TOKENS, overrides_from_arith
+    from rlflow.loader import apply_overrides, load_pipeline
+
+    root = Path(__file__).parent.parent / "pipelines"
+    for name, budget in (("grpo", MAX_NEW_TOKENS), ("dapo", MAX_NEW_TOKENS + 2)):  # dapo keeps its overlong buffer
+        p = load_pipeline(root / f"{name}.py")
+        moved = apply_overrides(p, overrides_from_arith(p))
+        text = json.dumps(moved.to_config())
+        assert "rlflow.arith:" not in text and '"builtin:arith"' not in text and '"builtin:tiny-arith"' not in text
+        assert moved.data.source == "builtin:arith-chain" and moved.node("generate").max_new_tokens == budget
+        assert {m.path for m in moved.models.values()} == {"builtin:tiny-arith-chain"}
+        assert [r.fn.__module__ for r in moved.node("score").rules.values()] == ["rlflow.arith_chain"]
+        assert json.dumps(p.to_config()) != text  # the shipped file itself is unchanged
+    sft = load_pipeline(root / "sft.py")
+    moved = apply_overrides(sft, overrides_from_arith(sft))
+    assert moved.eval.rule is exact_match and moved.eval.max_new_tokens == MAX_NEW_TOKENS
