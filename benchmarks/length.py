@@ -4,7 +4,7 @@ The Dr. GRPO paper (arXiv 2503.20783, Fig. 5) finds that GRPO's per-response 1/|
 incorrect responses grow longer while correct ones do not; on `builtin:arith` responses
 are 3-4 tokens, so the task for this is `builtin:arith-chain` (docs/length.md).
 
-    .venv/bin/python benchmarks/length.py --run grpo dr_grpo --steps 150 --out runs/length
+    .venv/bin/python benchmarks/length.py --run grpo dr_grpo --steps 120 --out runs/length
     .venv/bin/python benchmarks/length.py runs/length/grpo-s0 runs/length/dr_grpo-s0 --every 10
     .venv/bin/python benchmarks/length.py runs/length/*-s0 --markdown   # the tables of docs/length.md
 
