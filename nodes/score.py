@@ -22,7 +22,7 @@ from rlflow.lazy import torch
 from rlflow.node import Context, ModelRunner, layout, runner
 from rlflow.rules import RewardRuleError, RulePool, score_in_process
 
-__all__ = ["RewardRuleError", "ScoreRunner", "apply_rule", "overlong_penalty"]
+__all__ = ["RewardRuleError", "ScoreRunner", "apply_rule", "length_by_correctness", "overlong_penalty"]
 
 DEFAULT_TIMEOUT_S = 10.0  # apply_rule's limit per call of a rule on one sample (Score.rule_timeout_s in a run)
 
@@ -45,6 +45,21 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: f
 def _mean(x: torch.Tensor) -> Mean:
     """A per-sample metric [B] as (sum, count), so that it adds up over rounds and ranks."""
     return Mean(float(x.float().sum()), float(x.numel()))
+
+
+def length_by_correctness(lengths: torch.Tensor, scores: torch.Tensor, prefix: str = "response_length") -> dict[str, Mean]:
+    """Mean response length [B] of the correct and of the incorrect samples, as sums and counts.
+
+    A sample is correct when ``scores`` (the Score node's first rule, unweighted) is > 0.5,
+    the criterion of held-out ``eval/accuracy``. A side with no sample in this batch is left
+    out rather than logged as 0, so rounds and ranks add up only the samples they have.
+    """
+    correct = scores > 0.5
+    out = {}
+    for side, mask in (("correct", correct), ("incorrect", ~correct)):
+        if bool(mask.any()):
+            out[f"{prefix}/{side}/mean"] = Mean(float(lengths[mask].float().sum()), float(mask.sum()))
+    return out
 
 
 @runner("score")
@@ -79,10 +94,12 @@ class ScoreRunner(ModelRunner):
         s = self.spec
         rows = list(iter_rows(batch, ("prompt", "answer")))
         total = torch.zeros(len(batch), device=batch[mask_col].device)
-        for name, rule in s.rules.items():
+        for i, (name, rule) in enumerate(s.rules.items()):
             scores = self._pool(ctx).score(name, rule.fn, texts, rows, timeout_s=self.spec.rule_timeout_s)
             part = torch.tensor(scores, dtype=torch.float32, device=total.device)
             metrics[f"{prefix}/{name}"] = _mean(part)
+            if parts and i == 0:  # the first rule decides correctness, as in held-out evaluation
+                metrics.update(length_by_correctness(batch[mask_col].sum(-1), part))
             if parts:
                 batch[f"rewards_{name}"] = part
             total += rule.weight * part

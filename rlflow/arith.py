@@ -79,11 +79,17 @@ _INIT_REVISION = 1
 # --- tokenizer and model ---------------------------------------------------------------
 
 
-def make_tokenizer() -> "transformers.PreTrainedTokenizerFast":
-    """A character-level tokenizer over ``"0123456789+="`` plus pad, eos, bos and unk.
+def vocabulary(chars: str = CHARS) -> list[str]:
+    """Every token of the character tokenizer over ``chars``, in id order."""
+    return [PAD, EOS, BOS, UNK, *chars]
 
-    Ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then the 12 characters in
-    order (16 in all). Nothing is added around an encoded text (no BOS, no EOS); the
+
+def make_tokenizer(chars: str = CHARS) -> "transformers.PreTrainedTokenizerFast":
+    """A character-level tokenizer over ``chars`` (default ``"0123456789+="``) plus pad,
+    eos, bos and unk.
+
+    Ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then the characters in
+    order (16 in all for the default). Nothing is added around an encoded text (no BOS, no EOS); the
     SFT data loader appends EOS to completions. Padding is on the left, so that
     generation continues from the last prompt token. Decoding fuses the characters
     without spaces: ``decode(ids("82") + [eos], skip_special_tokens=True) == "82"``.
@@ -91,7 +97,7 @@ def make_tokenizer() -> "transformers.PreTrainedTokenizerFast":
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([PAD, EOS, BOS, UNK, *CHARS])}
+    vocab = {tok: i for i, tok in enumerate(vocabulary(chars))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # An empty pattern matches between every pair of characters: one piece per character.
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
@@ -107,19 +113,20 @@ def make_tokenizer() -> "transformers.PreTrainedTokenizerFast":
     )
 
 
-def make_model(tokenizer: "transformers.PreTrainedTokenizerBase", *, seed: int) -> "transformers.LlamaForCausalLM":
+def make_model(tokenizer: "transformers.PreTrainedTokenizerBase", *, seed: int,
+               shape: Optional[dict] = None) -> "transformers.LlamaForCausalLM":
     """A freshly initialised tiny Llama (about 0.66M parameters) for ``tokenizer``.
 
-    Hidden size 128, 4 layers of 4 heads, MLP width 256, tied input and output
-    embeddings. The initialisation depends only on ``seed``; the global torch RNG is
-    left as it was.
+    ``shape`` (default :data:`SHAPE`): hidden size 128, 4 layers of 4 heads, MLP width
+    256, tied input and output embeddings. The initialisation depends only on ``seed``;
+    the global torch RNG is left as it was.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        **SHAPE,
+        **(SHAPE if shape is None else shape),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -151,7 +158,12 @@ def _split_pairs(split: Split) -> list[tuple[int, int]]:
 
 
 def _operands(split: Split, n: int | None, seed: int) -> list[tuple[int, int]]:
-    chosen = _split_pairs(split)
+    return take(_split_pairs(split), split, n, seed)
+
+
+def take(chosen: list, split: Split, n: int | None, seed: int) -> list:
+    """The first ``n`` of the problems ``chosen`` for ``split`` (``None``: all): the train
+    split shuffled by ``seed`` first, the eval split in its fixed order."""
     if split == "train":
         random.Random(seed).shuffle(chosen)
     if n is None:
@@ -181,7 +193,7 @@ def signed_match(response: str, row: dict) -> float:
     return 2.0 * exact_match(response, row) - 1.0
 
 
-def _wrong_sum(a: int, b: int, rng: random.Random) -> str:
+def wrong_sum(a: int, b: int, rng: random.Random) -> str:
     """A plausible wrong answer to ``a+b``: a slip of one in the units or tens digit, a
     dropped or spurious carry (both change the sum by ten), or a dropped hundreds carry."""
     total = a + b
@@ -196,7 +208,7 @@ def pairs(split: Split, n: int | None = None, *, seed: int = 0) -> list[dict]:
     models (``answer`` lets the rule reward score them).
 
     ``chosen`` is the correct sum (the answer); ``rejected`` is a plausible wrong one (see
-    :func:`_wrong_sum`), never equal to ``chosen``. The rows are those of
+    :func:`wrong_sum`), never equal to ``chosen``. The rows are those of
     :func:`problems` with the same arguments, and each problem's ``rejected`` depends
     only on the problem and ``seed``.
     """
@@ -204,7 +216,7 @@ def pairs(split: Split, n: int | None = None, *, seed: int = 0) -> list[dict]:
     for a, b in _operands(split, n, seed):
         rng = random.Random(f"{seed}:{a}+{b}")  # str seeds hash with sha512: stable across runs
         answer = str(a + b)
-        rows.append({"prompt": f"{a}+{b}=", "answer": answer, "chosen": answer, "rejected": _wrong_sum(a, b, rng)})
+        rows.append({"prompt": f"{a}+{b}=", "answer": answer, "chosen": answer, "rejected": wrong_sum(a, b, rng)})
     return rows
 
 
@@ -228,13 +240,19 @@ def _rows(kind: str, split: Split) -> list[dict]:
     return _MAKERS[kind](split)
 
 
-def _digest(recipe: object) -> str:
+def digest(recipe: object) -> str:
+    """A short hash of a JSON-able recipe: the part of a cache key that changes with it."""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def init_key(chars: str, shape: dict, seed: int, revision: int) -> str:
+    """The cache key of a fresh model: changes with the vocabulary, the shape, the seed or
+    the revision of the init recipe."""
+    return f"s{seed}-{digest([revision, vocabulary(chars), shape, seed])}"
+
+
 def _init_key() -> str:
-    """Changes with the vocabulary, the shape, the seed or the revision of the init recipe."""
-    return f"s{INIT_SEED}-{_digest([_INIT_REVISION, [PAD, EOS, BOS, UNK, *CHARS], SHAPE, INIT_SEED])}"
+    return init_key(CHARS, SHAPE, INIT_SEED, _INIT_REVISION)
 
 
 @model_provider("builtin:tiny-arith-init", key=_init_key)
@@ -245,36 +263,52 @@ def _build_init(directory: Path, say: Say, train: Optional[Train]) -> None:
     tok.save_pretrained(directory)
 
 
-def sft_pipeline() -> "Pipeline":
-    """The recipe of ``builtin:tiny-arith``: the shipped ``pipelines/sft.py``.
-
-    It is loaded as a file, as ``rlflow run`` loads it: the pipeline imports this module
-    for its settings, so this module does not import it.
-    """
+def shipped_pipeline(relative: str) -> "Pipeline":
+    """The shipped pipeline file ``relative`` to ``pipelines/`` (``"sft.py"``), loaded as
+    ``rlflow run`` loads it: a recipe pipeline imports its task module for its settings, so
+    the task module does not import it."""
     import rlflow.pipelines
     from rlflow.loader import load_pipeline
 
-    return load_pipeline(Path(rlflow.pipelines.__file__).with_name("sft.py"))
+    return load_pipeline(Path(rlflow.pipelines.__file__).parent / relative)
+
+
+def sft_pipeline() -> "Pipeline":
+    """The recipe of ``builtin:tiny-arith``: the shipped ``pipelines/sft.py``."""
+    return shipped_pipeline("sft.py")
+
+
+def sft_key(recipe: "Pipeline", steps: int, start_key: str) -> str:
+    """The cache key of a model made by the SFT run ``recipe``: changes with the pipeline (any
+    setting but its description) and with ``start_key``, the key of the model it starts from."""
+    config = {k: v for k, v in recipe.to_config().items() if k != "description"}
+    return f"sft{steps}-{digest([config, start_key])}"
 
 
 def _sft_key() -> str:
-    """Changes with the SFT pipeline (any setting but its description) and the init key."""
-    config = {k: v for k, v in sft_pipeline().to_config().items() if k != "description"}
-    return f"sft{SFT_STEPS}-{_digest([config, _init_key()])}"
+    return sft_key(sft_pipeline(), SFT_STEPS, _init_key())
+
+
+def build_by_training(name: str, recipe: "Pipeline", directory: Path, say: Say, train: Optional[Train]) -> None:
+    """Save in ``directory`` the final model of the training run ``recipe`` (run by ``train``,
+    the engine's), announced to the user through ``say`` as the build of ``name``."""
+    if train is None:
+        raise RuntimeError(f"{name} is made by training the pipeline {recipe.name!r}; "
+                           "its caller must pass train= (the engine's train_pipeline)")
+    data = getattr(recipe.data, "source", "?")
+    start = ", ".join(m.path for m in recipe.models.values())
+    say(f"building {name} (first use): {recipe.name} of {start} on {data} "
+        f"({recipe.steps} steps, one thread), cached in {directory.parent}")
+    t0 = time.perf_counter()
+    run_dir = directory.with_name(directory.name + "-run")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    final = train(recipe, run_dir)
+    shutil.move(str(final), str(directory))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    say(f"built {name} in {time.perf_counter() - t0:.0f}s")
 
 
 @model_provider("builtin:tiny-arith", key=_sft_key)
 def _build_sft(directory: Path, say: Say, train: Optional[Train]) -> None:
     """``builtin:tiny-arith-init`` after :func:`sft_pipeline`, run by ``train``."""
-    if train is None:
-        raise RuntimeError("builtin:tiny-arith is made by training pipelines/sft.py; "
-                           "its caller must pass train= (the engine's train_pipeline)")
-    say(f"building builtin:tiny-arith (first use): SFT of builtin:tiny-arith-init on builtin:arith "
-        f"({SFT_STEPS} steps, one thread), cached in {directory.parent}")
-    t0 = time.perf_counter()
-    run_dir = directory.with_name(directory.name + "-run")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    final = train(sft_pipeline(), run_dir)
-    shutil.move(str(final), str(directory))
-    shutil.rmtree(run_dir, ignore_errors=True)
-    say(f"built builtin:tiny-arith in {time.perf_counter() - t0:.0f}s")
+    build_by_training("builtin:tiny-arith", sft_pipeline(), directory, say, train)

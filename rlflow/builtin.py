@@ -44,7 +44,7 @@ def _shipped() -> None:
     """Register the providers that ship with rlflow, once, before the first lookup."""
     global _loaded
     if not _loaded:
-        from rlflow import arith  # noqa: F401  (registers its providers on import)
+        from rlflow import arith, arith_chain  # noqa: F401  (register their providers on import)
 
         _loaded = True
 

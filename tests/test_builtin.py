@@ -39,14 +39,15 @@ def pipeline(**kw):
 
 
 def test_shipped_providers_are_registered_by_name():
-    assert builtin.known_data() == ["builtin:arith"]
-    assert builtin.known_models() == ["builtin:tiny-arith", "builtin:tiny-arith-init"]
+    assert builtin.known_data() == ["builtin:arith", "builtin:arith-chain"]
+    assert builtin.known_models() == ["builtin:tiny-arith", "builtin:tiny-arith-chain", "builtin:tiny-arith-chain-init",
+                                      "builtin:tiny-arith-init"]
     assert builtin.data_provider("builtin:arith").rule is exact_match
 
 
 def test_unknown_names_list_the_known_ones_and_the_closest():
     why = check_path("builtin:tiny-arth")
-    assert "builtin:tiny-arith, builtin:tiny-arith-init" in why and "Did you mean 'builtin:tiny-arith'?" in why
+    assert "known: builtin:tiny-arith, builtin:tiny-arith-chain" in why and "Did you mean 'builtin:tiny-arith'?" in why
     why = check_source(Prompts("builtin:arth"))
     assert "known: builtin:arith" in why and "Did you mean 'builtin:arith'?" in why
     assert check_source(Demonstrations("builtin:arith")) is None
