@@ -152,8 +152,10 @@ def test_bf16_runs_as_autocast_over_fp32_weights(tmp_path):
     assert type(worker.engine.optimizer).__name__ == "AdamW"  # the plain optimizer, no DeepSpeed bf16 wrapper
     assert grads["actor"].abs().max() > 0 and torch.isfinite(grads["actor"]).all()
     assert rec["update/nonfinite_skipped/actor"] == 0.0 and torch.isfinite(torch.tensor(rec["loss/pg"]))
-    with worker.autocast():  # the forwards' matmuls run in bf16
+    with worker.autocast():  # the forwards' matmuls run in bf16, attention by the math kernel (see Worker.autocast)
         x = torch.ones(2, 2)
         assert torch.mm(x, x).dtype == torch.bfloat16
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # as it was outside
     _, fp32, _ = one_step(pipeline(), tmp_path, "fp32")
     assert rec["kl/mean"] == pytest.approx(fp32["kl/mean"], abs=5e-3)  # close to fp32, not equal
