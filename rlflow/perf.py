@@ -108,11 +108,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key in cache:
-        return float(cache[key])
     fewer = [v for k, v in cache.items() if k.split("|threads=")[0] == key.split("|threads=")[0]
              and k.split("|")[-1] == key.split("|")[-1] and int(k.split("threads=")[1].split("|")[0]) < threads]
-    cache[key] = max([probe(device, dtype), *fewer])  # more threads never have a lower peak
+    if key in cache:  # more threads never have a lower peak, whichever was probed first
+        return float(max([cache[key], *fewer]))
+    cache[key] = max([probe(device, dtype), *fewer])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -129,6 +129,12 @@ def test_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(perf, "probe", lambda device, dtype: 1e10)
     monkeypatch.setattr(perf.torch, "get_num_threads", lambda: 2)
     assert perf.peak_flops(torch.device("cpu"), torch.float32) == 5e10
+    # nor does a low 4-thread reading cached before the 1-thread one was (the cache is read the same way)
+    cache = json.loads((tmp_path / "peak_flops.json").read_text())
+    key4 = next(k for k in cache if "float32|threads=2" in k).replace("threads=2", "threads=4")
+    (tmp_path / "peak_flops.json").write_text(json.dumps({**cache, key4: 2e10}))
+    monkeypatch.setattr(perf.torch, "get_num_threads", lambda: 4)
+    assert perf.peak_flops(torch.device("cpu"), torch.float32) == 5e10
 
 
 def test_probe_measures_a_matmul_rate(monkeypatch):
