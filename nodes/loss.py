@@ -507,7 +507,8 @@ def sapo(
 
 
 def _plain_pg_reads(spec) -> dict[str, str]:
-    return {"advantages": "token", "ref_logprobs": "token"} if spec.kl_coef > 0 else {"advantages": "token"}
+    out = {"old_logprobs": "token", "advantages": "token"}  # old log-probs for ppo_kl only
+    return {**out, "ref_logprobs": "token"} if spec.kl_coef > 0 else out
 
 
 @loss_variant(needs="logprobs", reads=_plain_pg_reads, entropy=True, coefficient="A")
@@ -530,12 +531,13 @@ def pg(
     The gradient is -A ∇lp whatever policy sampled the tokens: it is on-policy REINFORCE,
     exact only for the first update on a batch. :func:`clip` at ρ = 1 has the same gradient
     there, but not after the first update (ρ ≠ 1 rescales it and the clip can zero it),
-    which is why this is its own variant. It reads no old log-probs, so it logs no ratio,
-    clip_frac or ppo_kl. Departures: none in the loss; GPG's scaling of the advantage is the
+    which is why this is its own variant. Its old log-probs serve only ``ppo_kl`` (no ratio,
+    no clip_frac). Departures: none in the loss; GPG's scaling of the advantage is the
     ``gpg`` Advantage variant's job.
     """
     pg_term = -cols["advantages"] * cols["logprobs"]  # [B,T]
-    return _policy_term(pg_term, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics={})
+    metrics = {"ppo_kl": _ppo_kl(_log_ratio(cols), cols["response_mask"])}
+    return _policy_term(pg_term, cols, counts, kl_coef=kl_coef, kl=kl, entropy_coef=entropy_coef, agg=agg, metrics=metrics)
 
 
 # --- critic: clipped value loss ------------------------------------------------------

@@ -85,8 +85,8 @@ READS = [
     ("cispo", {"kl_coef": 0.1, "kl": "abs"}, {"response_mask", "old_logprobs", "advantages", "ref_logprobs"}),
     ("sapo", {}, {"response_mask", "old_logprobs", "advantages"}),
     ("sapo", {"kl_coef": 0.1}, {"response_mask", "old_logprobs", "advantages", "ref_logprobs"}),
-    ("pg", {}, {"response_mask", "advantages"}),
-    ("pg", {"kl_coef": 0.1, "entropy_coef": 0.01}, {"response_mask", "advantages", "ref_logprobs"}),
+    ("pg", {}, {"response_mask", "old_logprobs", "advantages"}),
+    ("pg", {"kl_coef": 0.1, "entropy_coef": 0.01}, {"response_mask", "old_logprobs", "advantages", "ref_logprobs"}),
     ("value", {}, {"response_mask", "values", "returns"}),
     ("nll", {}, {"response_mask"}),
     ("nll", {"where": "correct"}, {"response_mask", "rewards"}),
@@ -761,11 +761,12 @@ def test_sapo_temperature_follows_the_sign_of_the_advantage():
 def test_pg_by_hand_and_not_clip_off_policy():
     # ℓ = -A·lp: row 0 A = 1, lp = [-1, -2] → [1, 2]; row 1 A = -2, lp = -0.5 → -1; token-mean (1+2-1)/3
     lp = t([[-1.0, -2.0], [-0.5, 9.0]]).requires_grad_()
-    cols = {"logprobs": lp, "advantages": t([[1.0, 1.0], [-2.0, 1e6]]), "response_mask": t([[1, 1], [1, 0]])}
+    cols = {"logprobs": lp, "advantages": t([[1.0, 1.0], [-2.0, 1e6]]), "response_mask": t([[1, 1], [1, 0]]),
+            "old_logprobs": t([[-1.0, -2.0], [-0.5, 0.0]])}  # only for ppo_kl: 0 here (lp = old on valid tokens)
     term = run("pg", cols)
     assert term.loss.item() == pytest.approx(2 / 3, abs=1e-12)
     assert torch.allclose(grad(term.loss, lp), t([[-1 / 3, -1 / 3], [2 / 3, 0.0]]), atol=1e-12)  # -A/N
-    assert set(term.metrics) == {"loss/pg", "entropy/mean"}
+    assert set(term.metrics) == {"loss/pg", "entropy/mean", "ppo_kl"} and term.metrics["ppo_kl"] == 0.0
     # clip with ρ ≠ 1 (second update on a batch) has another gradient: -Aρ/N, or 0 where it clips
     off = {**cols, "old_logprobs": lp.detach() - t([[0.1, 0.5], [0.0, 0.0]])}  # ρ = e^0.1, e^0.5, 1
     assert not torch.allclose(grad(run("clip", off).loss, lp), grad(run("pg", off).loss, lp), atol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 from rlflow.engine import Run
 from rlflow.graph import build
 from rlflow.loader import apply_overrides, load_pipeline
+from rlflow.spec import LOSSES
 
 PIPES = sorted(p for p in (Path(__file__).parent.parent / "pipelines").glob("*.py") if p.name != "__init__.py")
 SMALL = {"data.batch_size=4", "pipeline.eval=null"}
@@ -37,6 +38,11 @@ def test_pipeline_runs_two_steps(path, tmp_path):
     for r in records:  # a NaN or infinite loss fails the smoke test (json writes them as NaN/Infinity)
         assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in losses), r
         assert not any(v for k, v in r.items() if k.startswith("update/nonfinite_skipped/")), r
+    policy = [n for n in p.nodes if n.stage == "update" and LOSSES[n.variant].entropy]
+    trained = [r for r in records if "loss/pg" in r]  # (a value-pretraining phase leaves the actor idle)
+    if policy:  # every step of a policy loss logs the policy's entropy and verl's ppo_kl
+        assert all(math.isfinite(r["entropy/mean"]) and r["entropy/mean"] > 0 and math.isfinite(r["ppo_kl"])
+                   for r in trained), records[-1]
 
 
 # The figure each learning run must raise, and by how much (points of accuracy), within
