@@ -18,8 +18,10 @@ from rlflow.spec import Demonstrations
 # sha256 of model.safetensors of builtin:tiny-arith-init (torch 2.13, transformers 5.x).
 # If a library upgrade changes it, the cache key must change too: bump arith._INIT_REVISION.
 INIT_SHA256 = "0d12acf6d053a53412e2b6cec4ad386df103372509de34e82e7282d9c9746f48"
-# ... and of builtin:tiny-arith, the SFT of it (pipelines/sft.py, built in one thread).
-TINY_ARITH_SHA256 = "1fa55a6dfa3d9419e298cd2880e88c84fc41c851788e242040f74dc121e98a92"
+# ... and of builtin:tiny-arith, the SFT of it (pipelines/sft.py, built in one thread). It
+# changed (1fa55a6d... -> 7129d4e9...) with the packed forwards and the fused AdamW, which
+# order the same float operations differently: held-out accuracy 27.0 % -> 38.0 %.
+TINY_ARITH_SHA256 = "7129d4e9e8ebd074bfa5529211736878270c390d1ec078cc72331f563ba1fca3"
 
 
 @pytest.fixture
