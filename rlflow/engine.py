@@ -497,7 +497,7 @@ class Run:
         stack = ExitStack()
         for name in spec.model_refs().values():
             if name in self.workers:
-                stack.enter_context(self.workers[name].autocast())
+                stack.enter_context(self.workers[name].autocast(training=False))  # experience: no backward
         return stack
 
     # --- update ------------------------------------------------------------------------------

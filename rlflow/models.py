@@ -421,12 +421,13 @@ class Worker:
     def lr(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
-    def autocast(self):
+    def autocast(self, training: bool = True):
         """The context the model's forwards run in: ``torch.autocast`` when its precision is
-        autocast on this machine (:func:`autocast_dtype`), else a no-op. On a CPU it also picks
-        the math attention kernel: the fused (flash) kernel's backward in bf16 is slow on CPUs
-        (41.6 ms a call against 4.8 ms in fp32 on the benchmark's model: the GRPO step 0.767 s
-        -> 0.652 s with the math kernel, whose matmuls autocast runs in bf16)."""
+        autocast on this machine (:func:`autocast_dtype`), else a no-op. For a ``training``
+        forward on a CPU it also picks the math attention kernel: the fused (flash) kernel's
+        backward in bf16 is slow on CPUs (41.6 ms a call against 4.8 ms in fp32 on the
+        benchmark's model: the GRPO step 0.767 s -> 0.652 s with the math kernel, whose
+        matmuls autocast runs in bf16); forwards without a backward keep the fused kernel."""
         import contextlib
 
         import torch
@@ -436,7 +437,7 @@ class Worker:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
-        if self.device.type == "cpu":
+        if training and self.device.type == "cpu":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))

@@ -80,7 +80,7 @@ class RolloutAhead:
 
     def _rollout(self, prompts, ctx):
         t0 = time.perf_counter()
-        with self.sampler.autocast():
+        with self.sampler.autocast(training=False):
             rows, metrics = self.runner.rollout(prompts, ctx)
         return rows, metrics, time.perf_counter() - t0, ctx.positions
 

@@ -163,5 +163,7 @@ def test_bf16_runs_as_autocast_over_fp32_weights(tmp_path):
         assert torch.mm(x, x).dtype == torch.bfloat16
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()  # as it was outside
+    with worker.autocast(training=False):  # a forward without backward (experience nodes) keeps the fused kernel
+        assert torch.mm(x, x).dtype == torch.bfloat16 and torch.backends.cuda.flash_sdp_enabled()
     _, fp32, _ = one_step(pipeline(), tmp_path, "fp32")
     assert rec["kl/mean"] == pytest.approx(fp32["kl/mean"], abs=5e-3)  # close to fp32, not equal
