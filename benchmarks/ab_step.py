@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grpo_step import BETA, NEW_TOKENS, PROMPTS, SAMPLES  # noqa: E402
+from grpo_step import grpo_pipeline  # noqa: E402
 
 MODEL_KEYS = {"padding_free", "precision", "micro_batch_size"}
 PIPELINE_KEYS = {"rollout_ahead", "concurrent_nodes"}
@@ -62,8 +62,6 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
 
 
 def make_run(model: str, model_kw: dict, pipe_kw: dict, steps: int):
-    from rlflow import Advantage, Generate, Loss, Model, Pipeline, Prompts, RefLogprob, Score
-    from rlflow.arith import exact_match
     from rlflow.engine import Run
     from rlflow.graph import build
 
@@ -74,13 +72,8 @@ def make_run(model: str, model_kw: dict, pipe_kw: dict, steps: int):
     fuse = rlflow.models.fuse_activations
     if "fuse_activations" in off:
         rlflow.models.fuse_activations = lambda module: 0
-    actor = Model(model, train=True, lr=1e-5, **model_kw)
-    ahead = bool(pipe_kw.get("rollout_ahead"))  # ahead: old log-probs recomputed, the mismatch corrected per token
-    p = Pipeline(name="ab", data=Prompts("builtin:arith", batch_size=PROMPTS), models={"actor": actor, "ref": actor.frozen()},
-                 nodes=[Generate("actor", n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0, recompute_logprobs=ahead),
-                        Score(rule=exact_match), RefLogprob("ref"), Advantage("group_norm"),
-                        Loss("clip", kl_coef=BETA, kl="k3", agg="seq-mean-token-mean", rollout_is="token" if ahead else None)],
-                 steps=steps, eval=None, **pipe_kw)
+    # ahead: old log-probs recomputed, the mismatch corrected per token
+    p = grpo_pipeline(model, steps, name="ab", ahead=bool(pipe_kw.get("rollout_ahead")), model_kw=model_kw, **pipe_kw)
     run = Run(p, build(p), Path(tempfile.mkdtemp(prefix="rlflow-ab-")))
     try:
         run.setup()

@@ -32,19 +32,29 @@ from pathlib import Path
 PROMPTS, SAMPLES, NEW_TOKENS, BETA = 16, 8, 16, 0.04
 
 
-def rlflow_stepper(model: str, steps: int, precision: str = "fp32"):
-    """A function that takes rlflow's next GRPO step: ``step(i) -> (response tokens, node seconds, record)``."""
+def grpo_pipeline(model: str, steps: int, name: str = "bench", ahead: bool = False, model_kw: dict | None = None,
+                  **pipe_kw):
+    """The benchmark's GRPO pipeline (TRL's GRPOTrainer work: PROMPTS x SAMPLES x NEW_TOKENS, k3 KL
+    β = BETA in the loss). ``ahead``: the Generate node recomputes the old log-probs and the loss
+    corrects the rollout per token (what ``rollout_ahead=1`` needs); ``model_kw`` go to the
+    actor's Model, ``pipe_kw`` to the Pipeline."""
     from rlflow import Advantage, Generate, Loss, Model, Pipeline, Prompts, RefLogprob, Score
     from rlflow.arith import exact_match
+
+    actor = Model(model, train=True, lr=1e-5, **(model_kw or {}))
+    return Pipeline(name=name, data=Prompts("builtin:arith", batch_size=PROMPTS), models={"actor": actor, "ref": actor.frozen()},
+                    nodes=[Generate("actor", n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0, recompute_logprobs=ahead),
+                           Score(rule=exact_match), RefLogprob("ref"), Advantage("group_norm"),
+                           Loss("clip", kl_coef=BETA, kl="k3", agg="seq-mean-token-mean", rollout_is="token" if ahead else None)],
+                    steps=steps, eval=None, **pipe_kw)
+
+
+def rlflow_stepper(model: str, steps: int, precision: str = "fp32"):
+    """A function that takes rlflow's next GRPO step: ``step(i) -> (response tokens, node seconds, record)``."""
     from rlflow.engine import Run
     from rlflow.graph import build
 
-    actor = Model(model, train=True, lr=1e-5, precision=precision)
-    p = Pipeline(name="bench", data=Prompts("builtin:arith", batch_size=PROMPTS), models={"actor": actor, "ref": actor.frozen()},
-                 nodes=[Generate("actor", n=SAMPLES, max_new_tokens=NEW_TOKENS, temperature=1.0), Score(rule=exact_match),
-                        RefLogprob("ref"), Advantage("group_norm"),
-                        Loss("clip", kl_coef=BETA, kl="k3", agg="seq-mean-token-mean")],
-                 steps=steps, eval=None)
+    p = grpo_pipeline(model, steps, model_kw={"precision": precision})
     run = Run(p, build(p), Path(tempfile.mkdtemp(prefix="rlflow-bench-")))
     run.setup()
 

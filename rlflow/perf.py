@@ -38,12 +38,12 @@ from typing import Any, Optional
 
 import torch
 
-# The probe times single square matmuls (2·n³ FLOPs each) of a few sizes and keeps the best:
-# on a busy machine a short matmul often gets a core to itself, a long timed loop never does.
 # Figures of a step record that depend on the machine's speed rather than on the run's maths:
 # two runs of the same config agree on everything else.
 MACHINE_DEPENDENT = ("timing_s/", "perf/")
 
+# The probe times single square matmuls (2·n³ FLOPs each) of a few sizes and keeps the best:
+# on a busy machine a short matmul often gets a core to itself, a long timed loop never does.
 PROBE_SIZES = {"cpu": (256, 512, 1024), "cuda": (4096, 8192)}
 PROBE_TRIALS = 30
 PROBE_BUDGET_S = 0.5  # per size
@@ -123,15 +123,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return float(cache[key])
 
 
-def _memory(device: torch.device) -> dict[str, float]:
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    out = {"perf/cpu_memory_peak_gb": round(rss_kb / 2**20, 4)}
-    if getattr(device, "type", None) == "cuda":
-        out["perf/max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 4)
-        out["perf/max_memory_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 4)
-    return out
-
-
 def step_figures(nodes: dict[str, Any], seconds: float, batch_tokens: int, models: dict[str, "ModelCost"],
                  world: int = 1) -> dict[str, float]:
     """The figures of one step from its node times (:class:`rlflow.records.NodeTime`), its wall
@@ -146,7 +137,7 @@ def step_figures(nodes: dict[str, Any], seconds: float, batch_tokens: int, model
     step_util = 0.0  # Σ FLOPs / peak: the seconds the step's work takes at peak
     for name, t in nodes.items():
         if t.positions:
-            out[f"padding_frac/{name}"] = round(1.0 - t.useful / t.positions, 4)
+            out[f"padding_frac/{name}"] = t.padding_frac
         cost = models.get(name)
         if cost is None or not t.useful:
             continue
@@ -200,4 +191,9 @@ def node_costs(pipeline, workers: dict[str, Any], compute_dtype) -> dict[str, Mo
 
 def memory(device: Optional[torch.device] = None) -> dict[str, float]:
     """Peak memory figures of this process (and of ``device`` when it is a GPU)."""
-    return _memory(device or torch.device("cpu"))
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    out = {"perf/cpu_memory_peak_gb": round(rss_kb / 2**20, 4)}
+    if getattr(device, "type", None) == "cuda":
+        out["perf/max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 4)
+        out["perf/max_memory_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 4)
+    return out

@@ -42,12 +42,16 @@ class NodeTime:
             self.positions += positions.computed
             self.useful += positions.useful
 
+    @property
+    def padding_frac(self) -> float:
+        """The share of the computed positions that held no real token (0 without any)."""
+        return round(1.0 - self.useful / self.positions, 4) if self.positions else 0.0
+
     def as_dict(self) -> dict[str, float]:
         out = {"seconds": round(self.seconds, 6), "rows": self.rows, "tokens": self.tokens,
                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
         if self.positions:
-            out.update(positions=self.positions, useful_positions=self.useful,
-                       padding_frac=round(1.0 - self.useful / self.positions, 4))
+            out.update(positions=self.positions, useful_positions=self.useful, padding_frac=self.padding_frac)
         return out
 
 
