@@ -10,7 +10,8 @@ recomputing the old log-probs and the loss's token-level rollout correction;
 ``concurrent_nodes``), or with one of the
 engine's optimisations that is not a setting switched off (``fuse_activations=false``: GPT-2's
 five-op GELU kept, see ``rlflow.models.fuse_activations``; ``drop_done=false``: finished rows
-stay in the decoding batch, see ``rlflow.forward.DROP_DONE_AT``). All variants
+stay in the decoding batch, see ``rlflow.forward.DROP_DONE_AT``; ``early_forward=false``: the
+update's first forward waits for the update, see ``rlflow.overlap.EarlyForward``). All variants
 live in one process and take their steps in turn (the order rotates every step), so a busy
 machine slows them alike; the figure is each variant's median step over the first's,
 and the median of the per-round ratios. Prints one JSON line.
@@ -33,7 +34,7 @@ from grpo_step import grpo_pipeline  # noqa: E402
 
 MODEL_KEYS = {"padding_free", "precision", "micro_batch_size"}
 PIPELINE_KEYS = {"rollout_ahead", "concurrent_nodes"}
-OFF_SWITCHES = {"fuse_activations", "drop_done"}  # engine optimisations a variant can turn off (benchmark only)
+OFF_SWITCHES = {"fuse_activations", "drop_done", "early_forward"}  # engine optimisations a variant can turn off (benchmark only)
 
 
 def _value(text: str):
@@ -75,6 +76,8 @@ def make_run(model: str, model_kw: dict, pipe_kw: dict, steps: int):
     # ahead: old log-probs recomputed, the mismatch corrected per token
     p = grpo_pipeline(model, steps, name="ab", ahead=bool(pipe_kw.get("rollout_ahead")), model_kw=model_kw, **pipe_kw)
     run = Run(p, build(p), Path(tempfile.mkdtemp(prefix="rlflow-ab-")))
+    if "early_forward" in off:
+        run.graph.early_forward = lambda: None
     try:
         run.setup()
     finally:

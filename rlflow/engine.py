@@ -38,7 +38,7 @@ from rlflow.evaluation import Evaluator
 from rlflow.graph import PipelineGraph
 from rlflow.models import Worker, compute_dtype, place
 from rlflow.node import RUNNERS, Context
-from rlflow.overlap import RolloutAhead, in_thread
+from rlflow.overlap import EarlyForward, RolloutAhead, in_thread
 from rlflow.packing import Positions
 from rlflow.records import Records, Timings, batch_stats, step_record, tokens, write_json
 from rlflow.spec import Pipeline
@@ -125,6 +125,7 @@ class Run:
         self.pipeline = self.graph.pipeline
         self.records: Optional[Records] = None
         self._stepped = False  # an optimizer step of the current step has been taken
+        self._early: Optional[EarlyForward] = None  # the update's first forward, started during the experience
         self._signal = 0  # a signal asked the run to stop after this step
 
     # --- set-up ----------------------------------------------------------------------------
@@ -263,7 +264,9 @@ class Run:
             else:
                 metrics["update/skipped"] = 1.0
                 self.observer.message(f"step {step}: the filters kept no rows (on some rank); no update this step")
+            self._drop_early()
         except BaseException:  # a failing rule, a second Ctrl-C, ...: keep what the finished steps learned
+            self._drop_early()  # no forward of the trained model runs on while a checkpoint is written
             if self._stepped:
                 self.observer.message(f"stopped during the update of step {step}, after optimizer steps; "
                                       "the newest checkpoint is the last one saved")
@@ -415,7 +418,10 @@ class Run:
         """The experience runners of ``order``, stage by stage (``graph.stages()``: no path between
         the nodes of a stage); the nodes of a stage that can run at once (``graph.together``) do,
         in one process only (a node's forwards may be collective), the others one after the other."""
-        for stage in self.graph.stages():
+        early = self.graph.early_forward()
+        for i, stage in enumerate(self.graph.stages()):
+            if i == early:
+                self._start_early(batch)
             group = [r for r in order if r.spec.name in stage]
             at_once = self.graph.together([r.spec.name for r in group]) if dist.world_size() == 1 else []
             together = [r for r in group if r.spec.name in at_once]
@@ -427,6 +433,26 @@ class Run:
                 if dist.all_reduce_max(len(batch)) == 0:  # filters kept nothing on any rank
                     return batch
         return batch
+
+    def _start_early(self, batch: Batch) -> None:
+        """The update's first forward, in a thread, on the micro-batch the update will make
+        (rlflow.overlap.EarlyForward), when ``batch`` is final for it (``graph.early_forward``):
+        in one process, on a CPU (on one GPU both forwards would queue on its one stream)."""
+        by_model = self._loss_runners()
+        if len(by_model) != 1 or dist.world_size() > 1 or not len(batch):
+            return
+        (model, runners), = by_model.items()
+        worker = self.workers[model]
+        if worker.device.type != "cpu":
+            return
+        mini = batch.take_groups(sorted(batch.groups()))  # update(): one mini-batch of every group, in order
+        micro = runners[0].inputs(mini.split(worker.spec.micro_batch_size or len(mini))[0], self.ctx)
+        self._early = EarlyForward(worker, runners[0], micro, {r.needs for r in runners})
+
+    def _drop_early(self) -> None:
+        early, self._early = self._early, None
+        if early is not None:
+            early.close()
 
     def _run_together(self, group: list, batch: Batch, times: Timings, metrics: dict) -> Batch:
         """Nodes of one stage at once, each on its own view of ``batch`` (rlflow.overlap); their
@@ -572,8 +598,17 @@ class Run:
                     positions: Optional[Positions] = None):
         """The summed terms of ``runners`` on one micro-batch (one forward); their metrics go to ``metrics``."""
         micro = runners[0].inputs(micro, self.ctx)
-        with worker.autocast():  # the forward only; the loss maths and the backward run outside it
-            cols = {**micro.tensors(), **runners[0].outputs(worker, micro, needs, positions)}
+        early, self._early = self._early, None
+        taken = early.take(worker, micro) if early is not None else None  # (gives the kernel switch back first)
+        if taken is not None:
+            outs, done, seconds = taken
+            if positions is not None:
+                positions.add(done.computed, done.useful)
+            metrics.setdefault("timing_s/early_forward", []).append(seconds)
+        else:
+            with worker.autocast():  # the forward only; the loss maths and the backward run outside it
+                outs = runners[0].outputs(worker, micro, needs, positions)
+        cols = {**micro.tensors(), **outs}
         total = 0.0
         for r, c in zip(runners, counts):
             term = r.term(cols, c)

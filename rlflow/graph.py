@@ -140,6 +140,34 @@ class PipelineGraph:
         ok = len(names) >= 2 and sum(how[n] == "main" for n in names) <= 1 and self._separate_modules(names)
         return names if ok else []
 
+    def early_forward(self) -> Optional[int]:
+        """The experience stage at whose start the update's first forward can start (rlflow.overlap.
+        EarlyForward), or None. With ``concurrent_nodes``, one mini-batch and one epoch (the update's
+        first micro-batch is then known before the update), one trained model, no filter that
+        refills (its rounds run apart from the stages), and from that stage
+        on no filter and no node that writes what the forward reads, nor one that runs the trained
+        model's module (or any module under ZeRO-3); the earliest such stage."""
+        from rlflow.overlap import FORWARD_COLUMNS
+
+        p = self.pipeline
+        losses = self._update_nodes()
+        refills = any(getattr(n, "declared", None) is not None and n.declared.facts.get("refills") for n in p.nodes)
+        if (not p.concurrent_nodes or p.rollout_ahead or p.mini_batches != 1 or p.ppo_epochs != 1 or refills
+                or len({self.node(n).model for n in losses}) != 1):
+            return None
+        stages, first = self.stages(), None
+        for i in range(len(stages) - 1, -1, -1):
+            nodes = [self.node(n) for n in stages[i]]
+            if any(n.kind == "filter" or set(n.writes()) & set(FORWARD_COLUMNS) for n in nodes):
+                break
+            if not self._separate_modules([*stages[i], losses[0]]):
+                break
+            first = i
+        return first
+
+    def _update_nodes(self) -> list[str]:
+        return [n.name for n in self.pipeline.nodes if n.stage == "update"]
+
     def _separate_modules(self, names: list[str]) -> bool:
         """Whether the nodes ``names`` run distinct modules, none under ZeRO-3 (whose forwards
         gather shards collectively): a LoRA model and its shared base are one module, whose
@@ -159,7 +187,10 @@ class PipelineGraph:
 
             return f"update: {plural(p.ppo_epochs, 'epoch')} x {plural(p.mini_batches, 'mini-batch', 'mini-batches')}{ahead}"
         together = self.together(stage)
-        return f"stage {i + 1}" + (f"  ({' ‖ '.join(together)} run at once)" if together else "")
+        title = f"stage {i + 1}" + (f"  ({' ‖ '.join(together)} run at once)" if together else "")
+        if i == self.early_forward():
+            title += f"  ‖ {self.node(self._update_nodes()[0]).model}'s first update forward starts (on a CPU)"
+        return title
 
 
 def _single_generate(pipeline: Pipeline) -> Optional[Generate]:

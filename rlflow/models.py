@@ -437,11 +437,20 @@ class Worker:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
-        if training and self.device.type == "cpu":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if training:
+            stack.enter_context(self.training_kernel())
         return stack
+
+    def training_kernel(self):
+        """The attention kernel of a training forward (see :meth:`autocast`): the math kernel
+        under bf16 autocast on a CPU, else a no-op. A process-wide switch, not a thread's."""
+        import contextlib
+
+        if autocast_dtype(self.spec) is None or self.device.type != "cpu":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
 
     def save_pretrained(self, directory: Path) -> None:
         """The model (and tokenizer) as a directory ``from_pretrained`` can load. A LoRA

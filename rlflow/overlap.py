@@ -97,3 +97,57 @@ class RolloutAhead:
             except Exception:  # noqa: BLE001 - a batch nobody will use; the run is ending
                 pass
         self.pool.shutdown(wait=True)
+
+
+FORWARD_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")  # what an update forward reads
+
+
+class EarlyForward:
+    """The update's first forward, started while the last experience stages still run.
+
+    The forward of the trained model on the first micro-batch of the update reads only the
+    prompts and responses; the loss needs the rest (advantages, reference log-probs), the
+    forward does not. When no later experience node changes the rows or those columns
+    (``PipelineGraph.early_forward``), the engine starts that forward in a thread as soon as
+    its inputs are final, on the micro-batch the update will make, and the update takes its
+    outputs instead of running it again: the same operators on the same tensors, so the
+    same values. Its autograd graph waits for the loss; the backward runs in the update.
+
+    Under bf16 autocast on a CPU a training forward uses the math attention kernel
+    (``Worker.autocast``), chosen by a process-wide switch: the engine holds it from the start
+    until the outputs are taken, so the experience nodes of those stages use it too, at
+    every step alike (a switch flipped by the thread would make their kernel depend on timing).
+    """
+
+    def __init__(self, worker, runner, micro, needs: set):
+        from concurrent.futures import ThreadPoolExecutor
+        from contextlib import ExitStack
+
+        self.worker, self.micro = worker, micro
+        self.kernel = ExitStack()
+        self.kernel.enter_context(worker.training_kernel())
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rlflow-forward")
+        self.future = in_thread(self.pool, self._forward, runner, needs)
+
+    def _forward(self, runner, needs: set):
+        t0, positions = time.perf_counter(), Positions()
+        with self.worker.autocast(training=False):  # the kernel switch is held by the engine
+            out = runner.outputs(self.worker, self.micro, needs, positions)
+        return out, positions, time.perf_counter() - t0
+
+    def take(self, worker, micro) -> Optional[tuple[dict, Positions, float]]:
+        """``(outputs, positions, seconds)`` of the forward, when it is ``worker``'s on the same
+        rows as ``micro`` (else None: the update runs its own); raises what the forward raised."""
+        same = worker is self.worker and all(torch.equal(micro[c], self.micro[c]) for c in FORWARD_COLUMNS)
+        try:
+            return self.future.result() if same else None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Wait for the forward (its result unused unless taken) and give the kernel switch back."""
+        try:
+            self.future.exception()
+        finally:
+            self.pool.shutdown(wait=True)
+            self.kernel.close()

@@ -214,3 +214,111 @@ def test_the_graph_view_shows_what_runs_at_once():
     assert "run at once" not in text(ppo(False))
     ahead = text(grpo(loss=Loss("clip", rollout_is="token"), rollout_ahead=1))
     assert "‖ generate of the next batch (rollout_ahead=1)" in ahead and "rollout_is=token" in ahead
+    assert "stage 2  (ref_logprob ‖ score run at once)  ‖ actor's first update forward starts (on a CPU)" in text(grpo())
+    assert "first update forward" not in text(grpo(concurrent_nodes=False)) + ahead
+
+
+# --- the update's first forward, started during the experience ---------------------------------
+
+
+def test_the_update_forward_starts_early_with_the_same_result(tmp_path, monkeypatch):
+    from rlflow.nodes.loss import LossRunner
+
+    where: list[str] = []
+    outputs = LossRunner.outputs
+
+    def spy(self, *a, **kw):
+        where.append(threading.current_thread().name)
+        return outputs(self, *a, **kw)
+
+    monkeypatch.setattr(LossRunner, "outputs", spy)
+    runs = {}
+    for early in (True, False):  # concurrent_nodes=False: every node and forward in the main thread
+        where.clear()
+        p = grpo(steps=2, concurrent_nodes=early)
+        assert build(p).early_forward() == (1 if early else None)  # from the stage of ref_logprob and score
+        run = Run(p, build(p), tmp_path / str(early))
+        run.setup()
+        records = [run._step(i + 1)[0] for i in range(2)]
+        runs[early] = records, [w.detach().clone() for w in run.workers["actor"].module.parameters()]
+        run.close()
+        assert len(where) == 2 and all(n.startswith("rlflow-forward" if early else "MainThread") for n in where), where
+    (on, w_on), (off, w_off) = runs[True], runs[False]
+    assert all(r["timing_s/early_forward"] > 0 for r in on) and not any("timing_s/early_forward" in r for r in off)
+    for a, b in zip(on, off):  # the same operators on the same tensors: the same numbers, to the bit
+        for k in ("loss/pg", "loss/kl", "kl/mean", "entropy/mean", "grad_norm/actor", "padding_frac/loss"):
+            assert a[k] == b[k], k
+    assert all(torch.equal(x, y) for x, y in zip(w_on, w_off))
+
+
+def test_where_the_early_forward_starts():
+    from rlflow.loader import load_pipeline
+
+    def stage(name, **kw):
+        p = load_pipeline(f"pipelines/{name}.py")
+        return build(p.model_copy(update=kw) if kw else p).early_forward()
+
+    assert stage("grpo") == 1  # beside ref_logprob and score, after generate
+    assert stage("dpo") == 0  # offline pairs: beside the reference's forward, the first stage
+    assert stage("online_dpo") == 3  # after the filter that picks the pairs
+    assert stage("grpo_lora") == 2  # not beside ref_logprob: the reference is the actor's own base module
+    assert stage("grpo", rollout_ahead=1) is None
+    for name in ("dapo", "ppo", "reinforce_pp", "vapo"):  # several mini-batches (or epochs): the first is shuffled
+        assert stage(name) is None, name
+    assert stage("dapo", mini_batches=1) is None  # its filter refills: rounds of the stages before it
+    assert stage("online_rft") is None  # a filter in the last stage changes the rows
+    assert stage("rft") is None and stage("sft") is None  # nothing after the filter / no experience
+
+
+def test_a_failure_beside_the_early_forward_stops_cleanly(tmp_path):
+    calls = []
+
+    def fails_at_step_2(response, row):
+        calls.append(1)
+        if len(calls) > 16:  # step 1 scores 16 samples
+            raise RuntimeError("rule broke")
+        return float(len(response))
+
+    actor = Model(INIT, train=True, lr=1e-3, precision="bf16")
+    p = Pipeline(name="t", data=Prompts("builtin:arith", batch_size=4), models={"actor": actor, "ref": actor.frozen()},
+                 nodes=[Generate("actor", n=4, max_new_tokens=6), Score(rule=fails_at_step_2), RefLogprob("ref"),
+                        Advantage("group_norm"), Loss("clip", kl_coef=0.04)], steps=2, eval=None)
+    run = Run(p, build(p), tmp_path / "r")
+    run.setup()
+    run._step(1)
+    with pytest.raises(Exception, match="rule broke"):
+        run._step(2)
+    assert run._early is None and not any(t.name.startswith("rlflow-forward") for t in threading.enumerate())
+    # the math-kernel switch the early forward held is given back
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert (tmp_path / "r" / "checkpoints" / "step_1").is_dir()  # the rescue of the finished step
+    run.close()
+
+
+def test_early_outputs_are_used_only_for_the_same_rows():
+    from contextlib import nullcontext
+
+    from rlflow.batch import Batch
+    from rlflow.overlap import EarlyForward
+
+    class Worker:
+        def training_kernel(self):
+            return nullcontext()
+
+        def autocast(self, training=True):
+            return nullcontext()
+
+    class Runner:
+        def outputs(self, worker, micro, needs, positions):
+            positions.add(8, 6)
+            return {"logprobs": micro["response_ids"].float()}
+
+    def micro(last):
+        ids = torch.tensor([[1, 2], [3, last]])
+        return Batch({"prompt_ids": ids, "prompt_mask": torch.ones(2, 2), "response_ids": ids, "response_mask": torch.ones(2, 2)})
+
+    w = Worker()
+    out, positions, seconds = EarlyForward(w, Runner(), micro(4), {"logprobs"}).take(w, micro(4))
+    assert out["logprobs"].tolist() == [[1.0, 2.0], [3.0, 4.0]] and (positions.computed, positions.useful) == (8, 6)
+    assert EarlyForward(w, Runner(), micro(4), {"logprobs"}).take(w, micro(5)) is None  # other rows: the update's own
+    assert EarlyForward(w, Runner(), micro(4), {"logprobs"}).take(Worker(), micro(4)) is None  # another model
