@@ -34,11 +34,16 @@ import torch
 from rlflow.packing import Positions
 
 
-def in_thread(pool: ThreadPoolExecutor, fn: Callable, *args: Any) -> Future:
-    """``fn(*args)`` in ``pool``, with this thread's torch thread count (a new thread has the default)."""
-    threads = torch.get_num_threads()
+def in_thread(pool: ThreadPoolExecutor, fn: Callable, *args: Any, threads: Optional[int] = None) -> Future:
+    """``fn(*args)`` in ``pool``, with ``threads`` torch threads (default: this thread's count).
+
+    Torch keeps a count per thread, set up on a thread's first use from the count last set
+    anywhere in the process; so the pool's thread first has its count set up, then sets it.
+    """
+    threads = threads or torch.get_num_threads()
 
     def call():
+        torch.get_num_threads()
         torch.set_num_threads(threads)
         return fn(*args)
 
@@ -113,6 +118,9 @@ class EarlyForward:
     outputs instead of running it again: the same operators on the same tensors, so the
     same values. Its autograd graph waits for the loss; the backward runs in the update.
 
+    The engine's torch threads are shared out while it runs: half to the forward, the rest
+    to the nodes beside it (one each on 2 cores; more threads than cores made both slower).
+
     Under bf16 autocast on a CPU a training forward uses the math attention kernel
     (``Worker.autocast``), chosen by a process-wide switch: the engine holds it from the start
     until the outputs are taken, so the experience nodes of those stages use it too, at
@@ -126,8 +134,10 @@ class EarlyForward:
         self.worker, self.micro = worker, micro
         self.kernel = ExitStack()
         self.kernel.enter_context(worker.training_kernel())
+        self.threads = torch.get_num_threads()  # the engine's; shared out while the forward runs
+        torch.set_num_threads(max(1, self.threads - self.threads // 2))  # the nodes beside it
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="rlflow-forward")
-        self.future = in_thread(self.pool, self._forward, runner, needs)
+        self.future = in_thread(self.pool, self._forward, runner, needs, threads=max(1, self.threads // 2))
 
     def _forward(self, runner, needs: set):
         t0, positions = time.perf_counter(), Positions()
@@ -145,9 +155,11 @@ class EarlyForward:
             self.close()
 
     def close(self) -> None:
-        """Wait for the forward (its result unused unless taken) and give the kernel switch back."""
+        """Wait for the forward (its result unused unless taken); give the kernel switch and the
+        engine's thread count back."""
         try:
             self.future.exception()
         finally:
             self.pool.shutdown(wait=True)
             self.kernel.close()
+            torch.set_num_threads(self.threads)

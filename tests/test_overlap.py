@@ -322,3 +322,34 @@ def test_early_outputs_are_used_only_for_the_same_rows():
     assert out["logprobs"].tolist() == [[1.0, 2.0], [3.0, 4.0]] and (positions.computed, positions.useful) == (8, 6)
     assert EarlyForward(w, Runner(), micro(4), {"logprobs"}).take(w, micro(5)) is None  # other rows: the update's own
     assert EarlyForward(w, Runner(), micro(4), {"logprobs"}).take(Worker(), micro(4)) is None  # another model
+
+
+def test_the_threads_are_shared_out_while_the_early_forward_runs(tmp_path, monkeypatch):
+    from rlflow.nodes.loss import LossRunner
+    from rlflow.nodes.ref_logprob import RefLogprobRunner
+
+    counts: dict[str, int] = {}
+    outputs, ref_run = LossRunner.outputs, RefLogprobRunner.run
+
+    def forward(self, *a, **kw):
+        counts["forward"] = torch.get_num_threads()
+        return outputs(self, *a, **kw)
+
+    def ref(self, *a, **kw):
+        counts["ref_logprob"] = torch.get_num_threads()
+        return ref_run(self, *a, **kw)
+
+    monkeypatch.setattr(LossRunner, "outputs", forward)
+    monkeypatch.setattr(RefLogprobRunner, "run", ref)
+    p = grpo()
+    run = Run(p, build(p), tmp_path / "r")
+    run.setup()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        run._step(1)
+        assert counts == {"forward": 2, "ref_logprob": 2}  # half each, not 4 + 4 on 4 cores
+        assert torch.get_num_threads() == 4  # the engine's count given back
+    finally:
+        torch.set_num_threads(before)
+        run.close()
