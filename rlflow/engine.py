@@ -443,7 +443,7 @@ class Run:
             return
         (model, runners), = by_model.items()
         worker = self.workers[model]
-        if worker.device.type != "cpu":
+        if getattr(worker.device, "type", "cpu") != "cpu":
             return
         mini = batch.take_groups(sorted(batch.groups()))  # update(): one mini-batch of every group, in order
         micro = runners[0].inputs(mini.split(worker.spec.micro_batch_size or len(mini))[0], self.ctx)

@@ -71,10 +71,11 @@ def same_run(one_dir: Path, two_dir: Path, rows: int) -> None:
     one, two = records(one_dir), records(two_dir)
     assert [r["step"] for r in two] == [1, 2]
     for a, b in zip(one, two):
-        assert set(a) == set(b)
+        # one process starts the update's first forward during the experience (rlflow.overlap.EarlyForward)
+        assert set(a) - set(b) <= {"timing_s/early_forward"} and set(b) <= set(a)
         assert a["rows"] == b["rows"] == rows  # global rows, not rank 0's
         assert a["perf/total_num_tokens"] == b["perf/total_num_tokens"]  # every rank's tokens
-        for key in {k for k in a if not k.startswith(MACHINE_DEPENDENT + ("padding_frac/",))} - TIMING:
+        for key in {k for k in b if not k.startswith(MACHINE_DEPENDENT + ("padding_frac/",))} - TIMING:
             # step 2 follows an Adam step: ZeRO-3's sharded update rounds differently in the 6th digit
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (two_dir.name, a["step"], key, a[key], b[key])
         assert {k: t["rows"] for k, t in a["nodes"].items()} == {k: t["rows"] for k, t in b["nodes"].items()}
