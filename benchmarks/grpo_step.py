@@ -13,8 +13,11 @@ of the last step, peak RSS, for rlflow and for the baseline, and their ratio.
 
 The baseline is the same step by hand on the same model as rlflow places it (the same
 sampler, the same padding-free log-prob function, the same fused GELU, the same autocast),
-so that the ratio is what the engine costs, not what its optimisations save. The two take
-their steps in turn in one process (who goes first alternates), so a busy machine slows both.
+so that the ratio is what the engine costs, not what its optimisations save; for the same
+reason rlflow then runs one thing at a time as the loop does (``concurrent_nodes=False``: no
+node beside another, no early update forward). With ``--no-baseline`` (what the TRL
+side-by-side runs) rlflow's step is its default one. The two take their steps in turn in one
+process (who goes first alternates), so a busy machine slows both.
 """
 
 from __future__ import annotations
@@ -49,12 +52,14 @@ def grpo_pipeline(model: str, steps: int, name: str = "bench", ahead: bool = Fal
                     steps=steps, eval=None, **pipe_kw)
 
 
-def rlflow_stepper(model: str, steps: int, precision: str = "fp32"):
-    """A function that takes rlflow's next GRPO step: ``step(i) -> (response tokens, node seconds, record)``."""
+def rlflow_stepper(model: str, steps: int, precision: str = "fp32", overlap: bool = True):
+    """A function that takes rlflow's next GRPO step: ``step(i) -> (response tokens, node seconds, record)``.
+    ``overlap=False``: every node and forward one after the other (``concurrent_nodes=False``: no
+    node beside another, no early update forward), as the plain loop does them."""
     from rlflow.engine import Run
     from rlflow.graph import build
 
-    p = grpo_pipeline(model, steps, model_kw={"precision": precision})
+    p = grpo_pipeline(model, steps, model_kw={"precision": precision}, concurrent_nodes=overlap)
     run = Run(p, build(p), Path(tempfile.mkdtemp(prefix="rlflow-bench-")))
     run.setup()
 
@@ -178,7 +183,9 @@ def main() -> None:
                       "threads": args.threads, "model": args.model, "steps": args.steps, "warmup": args.warmup,
                       "precision": args.precision}}
     steppers, closers = {}, []
-    steppers["rlflow"], close = rlflow_stepper(args.model, args.warmup + args.steps, args.precision)
+    # against the plain loop, the engine's cost alone: its overlaps off (the loop runs one thing at a time)
+    steppers["rlflow"], close = rlflow_stepper(args.model, args.warmup + args.steps, args.precision,
+                                               overlap=args.no_baseline)
     closers.append(close)
     if not args.no_baseline:
         steppers["baseline_plain_torch"], close = baseline_stepper(args.model, args.precision)
