@@ -353,3 +353,23 @@ def test_the_threads_are_shared_out_while_the_early_forward_runs(tmp_path, monke
     finally:
         torch.set_num_threads(before)
         run.close()
+
+
+@pytest.mark.parametrize("name,micro", [("dpo", None), ("online_dpo", None), ("grpo", 8)])
+def test_shipped_pipelines_learn_the_same_with_the_early_forward(tmp_path, name, micro):
+    # dpo: beside the reference, in the first stage; online_dpo: after its filter; grpo with
+    # micro-batches of 8 rows: the early forward is the first micro-batch's, the rest run in the update
+    from rlflow.loader import load_pipeline
+
+    weights = {}
+    for early in (True, False):
+        p = load_pipeline(f"pipelines/{name}.py").model_copy(update={"concurrent_nodes": early, "eval": None, "steps": 2})
+        if micro:
+            p = p.model_copy(update={"models": {**p.models, "actor": p.models["actor"].model_copy(update={"micro_batch_size": micro})}})
+        run = Run(p, build(p), tmp_path / str(early))
+        run.setup()
+        records = [run._step(i + 1)[0] for i in range(2)]
+        assert all(("timing_s/early_forward" in r) == early for r in records)
+        weights[early] = [w.detach().clone() for w in run.workers["actor"].module.parameters()]
+        run.close()
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
