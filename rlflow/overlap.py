@@ -58,9 +58,18 @@ class RolloutAhead:
     ``take`` waits for it. The sampler is a frozen copy of the policy's module with the
     same tokenizer, precision and device; its sampling generator is its own (seeded from
     the run's), since the update draws from the run's generator at the same time.
+
+    Under bf16 autocast on a CPU the update's forwards use the math attention kernel, a
+    process-wide switch (``Worker.training_kernel``): it is held for the whole run, so that
+    the sampler, which decodes while the update runs, uses it at every step alike (flipped
+    by the update, its kernel — and its samples — would depend on timing).
     """
 
     def __init__(self, runner, worker, seed: int):
+        from contextlib import ExitStack
+
+        self.kernel = ExitStack()
+        self.kernel.enter_context(worker.training_kernel())
         self.runner = runner
         self.trainer = worker
         module = copy.deepcopy(worker.module).eval().requires_grad_(False)
@@ -102,6 +111,7 @@ class RolloutAhead:
             except Exception:  # noqa: BLE001 - a batch nobody will use; the run is ending
                 pass
         self.pool.shutdown(wait=True)
+        self.kernel.close()
 
 
 FORWARD_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")  # what an update forward reads

@@ -191,6 +191,31 @@ def test_rollout_ahead_samples_from_the_weights_before_the_last_update(tmp_path)
         assert "rollout_is/mean" in r and r["update/nonfinite_skipped/actor"] == 0.0
 
 
+def test_rollout_ahead_in_bf16_samples_with_one_attention_kernel(tmp_path, monkeypatch):
+    # the update's math-kernel switch is process-wide: held for the whole run, the sampler
+    # (decoding while the update runs) never sees it flip
+    import rlflow.forward
+
+    flash: list[bool] = []
+    sample = rlflow.forward.sample
+
+    def spy(*a, **kw):
+        flash.append(torch.backends.cuda.flash_sdp_enabled())
+        return sample(*a, **kw)
+
+    monkeypatch.setattr(rlflow.forward, "sample", spy)
+    p = grpo(loss=Loss("clip", kl_coef=0.04, rollout_is="token"), rollout_ahead=1, steps=3)
+    actor = p.models["actor"].model_copy(update={"precision": "bf16"})
+    p = p.model_copy(update={"models": {"actor": actor, "ref": actor.frozen()}})
+    run = Run(p, build(p), tmp_path / "ahead")
+    run.setup()
+    for i in (1, 2, 3):
+        run._step(i)
+    run.close()
+    assert len(flash) == 4 and not any(flash)
+    assert torch.backends.cuda.flash_sdp_enabled()  # given back when the run closes
+
+
 def test_rollout_ahead_is_refused_with_several_processes(tmp_path, monkeypatch):
     from rlflow import dist
 
