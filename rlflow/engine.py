@@ -554,10 +554,12 @@ class Run:
                 mini = batch.take_groups(ids)
                 for model, runners in by_model.items():
                     t0, positions = time.perf_counter(), Positions()
-                    for k, v in self._train_model(self.workers[model], runners, mini, positions).items():
+                    m = self._train_model(self.workers[model], runners, mini, positions)
+                    for k, v in m.items():
                         sums.setdefault(k, []).append(v)
-                    times.add("+".join(r.spec.name for r in runners), time.perf_counter() - t0, len(mini), tokens(mini),
-                              positions)
+                    # the node's time includes its forward when it ran early, beside the experience
+                    seconds = time.perf_counter() - t0 + float(m.get("timing_s/early_forward", 0.0))
+                    times.add("+".join(r.spec.name for r in runners), seconds, len(mini), tokens(mini), positions)
         out = {k: dist.combine(v) for k, v in sums.items()}
         out.update({f"lr/{model}": self.workers[model].lr() for model in by_model})
         for r in (r for runners in by_model.values() for r in runners):  # e.g. an adaptive KL coefficient moves

@@ -398,3 +398,32 @@ def test_shipped_pipelines_learn_the_same_with_the_early_forward(tmp_path, name,
         weights[early] = [w.detach().clone() for w in run.workers["actor"].module.parameters()]
         run.close()
     assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+
+
+def test_the_loss_node_time_counts_its_early_forward(tmp_path, monkeypatch):
+    # MFU divides the model's FLOPs by its nodes' seconds: a forward that ran early still counts
+    import time
+
+    from rlflow.nodes.loss import LossRunner
+    from rlflow.nodes.ref_logprob import RefLogprobRunner
+
+    outputs, ref_run = LossRunner.outputs, RefLogprobRunner.run
+
+    def slow_forward(self, *a, **kw):
+        time.sleep(0.3)
+        return outputs(self, *a, **kw)
+
+    def slow_ref(self, *a, **kw):  # the early forward is done before the update starts
+        time.sleep(0.6)
+        return ref_run(self, *a, **kw)
+
+    monkeypatch.setattr(LossRunner, "outputs", slow_forward)
+    monkeypatch.setattr(RefLogprobRunner, "run", slow_ref)
+    p = grpo()
+    run = Run(p, build(p), tmp_path / "r")
+    run.setup()
+    record, _ = run._step(1)
+    run.close()
+    assert record["timing_s/early_forward"] >= 0.3
+    assert record["nodes"]["loss"]["seconds"] >= record["timing_s/early_forward"]
+    assert record["timing_s/loss"] == pytest.approx(record["nodes"]["loss"]["seconds"], abs=1e-5)
