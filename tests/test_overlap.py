@@ -5,6 +5,7 @@ Uses builtin:tiny-arith-init. No timing is asserted."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import threading
 
 import pytest
@@ -19,6 +20,7 @@ from rlflow.graph import build
 from rlflow.spec import LOSSES
 
 INIT = "builtin:tiny-arith-init"
+PIPELINES = Path(__file__).parent.parent / "pipelines"
 
 
 def length(response, row):
@@ -280,7 +282,7 @@ def test_where_the_early_forward_starts():
     from rlflow.loader import load_pipeline
 
     def stage(name, **kw):
-        p = load_pipeline(f"pipelines/{name}.py")
+        p = load_pipeline(PIPELINES / f"{name}.py")
         return build(p.model_copy(update=kw) if kw else p).early_forward()
 
     assert stage("grpo") == 1  # beside ref_logprob and score, after generate
@@ -388,7 +390,7 @@ def test_shipped_pipelines_learn_the_same_with_the_early_forward(tmp_path, name,
 
     weights = {}
     for early in (True, False):
-        p = load_pipeline(f"pipelines/{name}.py").model_copy(update={"concurrent_nodes": early, "eval": None, "steps": 2})
+        p = load_pipeline(PIPELINES / f"{name}.py").model_copy(update={"concurrent_nodes": early, "eval": None, "steps": 2})
         if micro:
             p = p.model_copy(update={"models": {**p.models, "actor": p.models["actor"].model_copy(update={"micro_batch_size": micro})}})
         run = Run(p, build(p), tmp_path / str(early))
