@@ -446,7 +446,7 @@ class Run:
         if getattr(worker.device, "type", "cpu") != "cpu":
             return
         mini = batch.take_groups(sorted(batch.groups()))  # update(): one mini-batch of every group, in order
-        micro = runners[0].inputs(mini.split(worker.spec.micro_batch_size or len(mini))[0], self.ctx)
+        micro = runners[0].inputs(self._micro_batches(worker, mini)[0], self.ctx)
         self._early = EarlyForward(worker, runners[0], micro, {r.needs for r in runners})
 
     def _drop_early(self) -> None:
@@ -575,7 +575,7 @@ class Run:
         non-finite loss on any rank (or a non-finite gradient norm) skips the step on every rank."""
         counts = [r.counts(mini) for r in runners]
         needs = {r.needs for r in runners}
-        micros = mini.split(worker.spec.micro_batch_size or len(mini)) if len(mini) else []
+        micros = self._micro_batches(worker, mini)
         passes = dist.all_reduce_max(len(micros))
         metrics: dict[str, list] = {}
         bad = False
@@ -595,6 +595,11 @@ class Run:
         if norm is not None:
             out[f"grad_norm/{worker.name}"] = norm
         return out
+
+    @staticmethod
+    def _micro_batches(worker: Worker, mini: Batch) -> list[Batch]:
+        """The micro-batches of ``worker``'s forward/backward passes over a mini-batch."""
+        return mini.split(worker.spec.micro_batch_size or len(mini)) if len(mini) else []
 
     def _micro_loss(self, worker: Worker, runners: list, counts: list, needs: set, micro: Batch, metrics: dict,
                     positions: Optional[Positions] = None):

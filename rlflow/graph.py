@@ -151,7 +151,7 @@ class PipelineGraph:
 
         p = self.pipeline
         losses = self._update_nodes()
-        refills = any(getattr(n, "declared", None) is not None and n.declared.facts.get("refills") for n in p.nodes)
+        refills = any(n.fact("refills") for n in p.nodes)
         if (not p.concurrent_nodes or p.rollout_ahead or p.mini_batches != 1 or p.ppo_epochs != 1 or refills
                 or len({self.node(n).model for n in losses}) != 1):
             return None
@@ -410,7 +410,7 @@ def _check_rollout(pipeline: Pipeline, pg: PipelineGraph) -> None:
     """A rollout correction on a loss that is not a policy loss; rollout_ahead without what it needs."""
     add = pg.problems.append
     for n in pipeline.nodes:
-        if isinstance(n, LossSpec) and n.rollout_is and not n.declared.facts.get("entropy"):
+        if isinstance(n, LossSpec) and n.rollout_is and not n.fact("entropy"):
             add(Problem("RF015", n.name, "rollout_is", f"{n.label()} is not a policy loss; the rollout correction weighs "
                         "a policy gradient", "rollout_is=None", repr(n.rollout_is)))
     if not pipeline.rollout_ahead:
@@ -425,7 +425,7 @@ def _check_rollout(pipeline: Pipeline, pg: PipelineGraph) -> None:
                     "before the last update; the ratio needs old log-probs from the weights being trained",
                     "recompute_logprobs=True", "False"))
     for f in pipeline.nodes:
-        if getattr(f, "declared", None) is not None and f.declared.facts.get("refills"):
+        if f.fact("refills"):
             add(Problem("RF015", f.name, "variant", f"{f.label()} refills: it draws more batches within a step, "
                         "which rollout_ahead cannot generate ahead", "a filter that does not refill, or rollout_ahead=0",
                         f.label()))
@@ -473,7 +473,7 @@ def _check_models(pipeline: Pipeline, pg: PipelineGraph) -> None:
 def _check_groups(pipeline: Pipeline, pg: PipelineGraph) -> None:
     """Group baselines and pairings need more than one sample per prompt (ALGORITHMS.md Part A §4)."""
     for n in pipeline.nodes:
-        if not getattr(n, "declared", None) or not n.declared.facts.get("group_based"):
+        if not n.fact("group_based"):
             continue
         for a in _ancestors(pg, n.name):
             gen = pipeline.node(a)

@@ -299,6 +299,12 @@ class Node(Spec):
         (resolved once, when the graph is built); {} when nothing is taken."""
         return {}
 
+    def fact(self, name: str) -> Any:
+        """A fact its variant declares (``refills``, ``group_based``, ``entropy``, ...); None for
+        a node without a declared variant or a fact it does not state."""
+        declared = getattr(self, "declared", None)
+        return declared.facts.get(name) if declared is not None else None
+
     def label(self) -> str:
         """``kind`` or ``kind:variant``."""
         return self.kind + (f":{self.variant}" if hasattr(self, "variant") else "")

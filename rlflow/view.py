@@ -157,7 +157,7 @@ def _add_node(branch: Tree, pg: PipelineGraph, name: str, everything: bool, colo
     for src, _, d in sorted(pg.graph.in_edges(name, data=True)):
         if src != DATA or everything:
             t.add(Text(f"← {src}: {', '.join(d['columns'])}", style="dim"))
-    if getattr(node, "declared", None) and node.declared.facts.get("refills"):
+    if node.fact("refills"):
         up = sorted(pg.upstream(name))
         target = node.target_groups or p.data.batch_size
         t.add(Text(f"↺ refills: re-runs {', '.join(up)} on fresh prompts until {target} groups are kept "
