@@ -1,6 +1,6 @@
 """Overlap: work of one iteration that runs at the same time as other work.
 
-Two kinds, both decided by the engine from the graph (DESIGN.md "Concurrency"):
+Three kinds, each decided by the engine from the graph (DESIGN.md "Concurrency"):
 
 * **Nodes of one stage.** Experience nodes with no path between them (Score, RefLogprob,
   Value after Generate) run at once: each runner says how (``NodeRunner.concurrency``):
@@ -15,9 +15,13 @@ Two kinds, both decided by the engine from the graph (DESIGN.md "Concurrency"):
   batch is used, so the PPO ratio is against the trainer's weights, and a policy loss's
   ``rollout_is`` corrects for the sampler's (verl's one-step off-policy, AReaL and
   OpenRLHF's async rollouts, TRL's vLLM importance-sampling correction).
+* **The update's first forward, early** (:class:`EarlyForward`): the trained model's forward
+  on the update's first micro-batch, beside the last experience stages whose outputs it
+  does not read (``PipelineGraph.early_forward``).
 
-Torch runs each thread's operators with the main thread's thread count, so on a machine
-with more cores than ``torch.get_num_threads()`` the overlapped work uses the idle ones.
+A thread runs torch's operators with the thread count it is given (:func:`in_thread`: the
+main thread's, unless the work is shared out), so on a machine with more cores than
+``torch.get_num_threads()`` the overlapped work uses the idle ones.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import copy
 import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -66,8 +71,6 @@ class RolloutAhead:
     """
 
     def __init__(self, runner, worker, seed: int):
-        from contextlib import ExitStack
-
         self.kernel = ExitStack()
         self.kernel.enter_context(worker.training_kernel())
         self.runner = runner
@@ -138,9 +141,6 @@ class EarlyForward:
     """
 
     def __init__(self, worker, runner, micro, needs: set):
-        from concurrent.futures import ThreadPoolExecutor
-        from contextlib import ExitStack
-
         self.worker, self.micro = worker, micro
         self.kernel = ExitStack()
         self.kernel.enter_context(worker.training_kernel())
