@@ -11,7 +11,10 @@ recomputing the old log-probs and the loss's token-level rollout correction;
 engine's optimisations that is not a setting switched off (``fuse_activations=false``: GPT-2's
 five-op GELU kept, see ``rlflow.models.fuse_activations``; ``drop_done=false``: finished rows
 stay in the decoding batch, see ``rlflow.forward.DROP_DONE_AT``; ``early_forward=false``: the
-update's first forward waits for the update, see ``rlflow.overlap.EarlyForward``). All variants
+update's first forward waits for the update, see ``rlflow.overlap.EarlyForward``;
+``written_step=false``: decoding through the model's own forward, see ``rlflow.decoding``;
+``prefill_once=false``: the prefill runs on each of a prompt's samples, see
+``rlflow.forward.PREFILL_ONCE``). All variants
 live in one process and take their steps in turn (the order rotates every step), so a busy
 machine slows them alike; the figure is each variant's median step over the first's,
 and the median of the per-round ratios. Prints one JSON line.
@@ -34,7 +37,7 @@ from grpo_step import grpo_pipeline  # noqa: E402
 
 MODEL_KEYS = {"padding_free", "precision", "micro_batch_size"}
 PIPELINE_KEYS = {"rollout_ahead", "concurrent_nodes"}
-OFF_SWITCHES = {"fuse_activations", "drop_done", "early_forward"}  # engine optimisations a variant can turn off (benchmark only)
+OFF_SWITCHES = {"fuse_activations", "drop_done", "early_forward", "written_step", "prefill_once"}  # engine optimisations a variant can turn off (benchmark only)
 
 
 def _value(text: str):
@@ -68,7 +71,7 @@ def make_run(model: str, model_kw: dict, pipe_kw: dict, steps: int):
 
     import rlflow.models
 
-    pipe_kw = {k: v for k, v in pipe_kw.items() if k != "drop_done"}  # (switched at each step)
+    pipe_kw = {k: v for k, v in pipe_kw.items() if k not in ("drop_done", "written_step", "prefill_once")}  # (switched at each step)
     off = {k for k in OFF_SWITCHES if pipe_kw.pop(k, True) is False}
     fuse = rlflow.models.fuse_activations
     if "fuse_activations" in off:
@@ -104,6 +107,7 @@ def main() -> None:
     runs = [make_run(args.model, m, p, args.warmup + args.steps) for _, m, p in variants]
     times: list[list[float]] = [[] for _ in runs]
     nodes: list[dict[str, list[float]]] = [{} for _ in runs]
+    import rlflow.decoding
     import rlflow.forward
 
     drop_done_at = rlflow.forward.DROP_DONE_AT
@@ -111,6 +115,8 @@ def main() -> None:
         for j in [(i + k) % len(runs) for k in range(len(runs))]:  # rotate who goes first
             run = runs[j]
             rlflow.forward.DROP_DONE_AT = 2.0 if variants[j][2].get("drop_done") is False else drop_done_at
+            rlflow.decoding.WRITTEN_STEP = variants[j][2].get("written_step") is not False
+            rlflow.forward.PREFILL_ONCE = variants[j][2].get("prefill_once") is not False
             t0 = time.perf_counter()
             record, _ = run._step(i + 1)
             if i >= args.warmup:

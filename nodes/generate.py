@@ -53,7 +53,7 @@ class GenerateRunner(ModelRunner):
         rows["response_mask"] = out.response_mask
         rows["old_logprobs"] = out.logprobs
         if ctx.positions is not None:
-            ctx.positions.add(*sampled_positions(rows["prompt_mask"], out))
+            ctx.positions.add(*sampled_positions(out))
         rows["truncated"] = out.truncated
         rows["response"] = decode(tok, out.response_ids, out.response_mask)
         if s.greedy_baseline:
@@ -61,7 +61,7 @@ class GenerateRunner(ModelRunner):
                        greedy=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced=synced)
             texts = decode(tok, g.response_ids, g.response_mask)
             if ctx.positions is not None:
-                ctx.positions.add(*sampled_positions(batch["prompt_mask"], g))
+                ctx.positions.add(*sampled_positions(g))
             rows["greedy_response_ids"] = g.response_ids.repeat_interleave(s.n, 0)
             rows["greedy_response_mask"] = g.response_mask.repeat_interleave(s.n, 0)
             rows["greedy_response"] = [t for t in texts for _ in range(s.n)]

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
+from rlflow.decoding import written_step
 from rlflow.packing import Positions
 
 Rule = Callable[[str, dict], float]
@@ -244,7 +245,8 @@ class Sampled:
     response_mask: torch.Tensor
     logprobs: torch.Tensor
     truncated: torch.Tensor
-    computed: int = 0  # positions the forwards computed: the prefill [B, P], then the decoding batch of each step
+    computed: int = 0  # positions the forwards computed: the prefill [U, P], then the decoding batch of each step
+    prompt_tokens: int = 0  # real prompt tokens in the prefill (each distinct prompt once)
 
 
 @torch.no_grad()
@@ -254,7 +256,9 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     """Batched autoregressive sampling with a KV cache.
 
     One prefill forward over the left-padded prompts, then one forward of ``[A, 1]`` per new
-    token against the cache, for the A rows still decoding: finished rows leave the batch,
+    token against the cache (:func:`rlflow.decoding.written_step` for GPT-2 and the Llama
+    family: the same logits, without the generic forward's per-call work; else the model's
+    own forward, :class:`CachedForward`), for the A rows still decoding: finished rows leave the batch,
     with their cache, once they are a ``DROP_DONE_AT`` share of it (:func:`_drop_done`). A
     row stops at its first EOS (kept, with its log-prob and mask 1); later columns are
     ``pad_token_id`` with mask 0 and log-prob 0. The loop ends when every row is done or
@@ -273,16 +277,12 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     """
     _check_sampling(max_new_tokens, greedy, temperature, top_p, top_k)
     _check_left_padded(prompt_mask)
-    params = _forward_params(model)
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    prefill_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     scale = 1.0 if greedy else float(temperature)
 
     batch, device = prompt_ids.shape[0], prompt_ids.device
     attention = prompt_mask.long()  # [A, P], grows by one column per step (A rows still decoding)
     first_position = attention.sum(dim=1)  # [B] position id of response token 0
-    cache, logits = _forward_last(model, prompt_ids, attention, _positions(attention), **prefill_extra)  # [B, V]: token 0
-    computed = prompt_ids.numel()
+    step_forward, logits, computed, prompt_tokens = _prefill(model, prompt_ids, attention, max_new_tokens)
 
     rows = torch.arange(batch, device=device)  # [A] the rows in the decoding batch
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -299,37 +299,86 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
         done = done | (mask_steps[-1] & (ids_steps[-1] == eos_token_id))
         if step == max_new_tokens - 1 or _all_done(done, synced):
             break
-        rows, token, attention = _drop_done(rows, done, token, attention, cache)
+        rows, token, attention = _drop_done(rows, done, token, attention, step_forward)
         attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
-        cache, logits = _forward_last(model, token.unsqueeze(1), attention, (first_position[rows] + step).unsqueeze(1),
-                                      **{cache_kw: cache})
+        logits = step_forward(token, attention, first_position[rows] + step)
         computed += len(rows)
 
     return Sampled(response_ids=torch.stack(ids_steps, dim=1), response_mask=torch.stack(mask_steps, dim=1).float(),
-                   logprobs=torch.stack(lp_steps, dim=1), truncated=~done, computed=computed)
+                   logprobs=torch.stack(lp_steps, dim=1), truncated=~done, computed=computed,
+                   prompt_tokens=prompt_tokens)
+
+
+def _prefill(model, prompt_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int):
+    """The prompts' forward: ``(the decoding step, float logits [B, V] of response token 0,
+    positions computed, real prompt tokens computed)``. Each run of equal prompts (a prompt's
+    samples) is computed once and its KV cache copied to every row of the run."""
+    params = _forward_params(model)
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    distinct, copies = _distinct_rows(prompt_ids, attention)  # [U], [B]
+    ids, attention = prompt_ids[distinct], attention[distinct]
+    cache, logits = _forward_last(model, ids, attention, _positions(attention), **extra)  # [U, V]
+    step_forward = written_step(model, cache, max_new_tokens) or CachedForward(model, cache, cache_kw)
+    if len(distinct) < len(prompt_ids):
+        step_forward.keep(copies)
+        logits = logits[copies]
+    return step_forward, logits, ids.numel(), int(attention.sum())
+
+
+def _distinct_rows(prompt_ids: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(distinct [U], copies [B])``: the first row of each run of equal consecutive prompts
+    (ids and mask), and for every row the index into ``distinct`` of its run. The forwards of
+    equal rows are equal, so the prefill runs once per run (``repeat_interleave``'d prompts,
+    as Generate makes them, are runs of n)."""
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(dim=1) & (attention[1:] == attention[:-1]).all(dim=1)  # [B-1]
+    if not PREFILL_ONCE:
+        same[:] = False
+    starts = torch.cat([same.new_ones(1), ~same])  # [B] a row that starts a run
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
 
 
 DROP_DONE_AT = 0.125  # the decoding batch drops its finished rows once they are this share of it
+PREFILL_ONCE = True  # False: the prefill runs on every row, equal prompts too (benchmarks only)
 
 
-def _drop_done(rows: torch.Tensor, done: torch.Tensor, token: torch.Tensor, attention: torch.Tensor, cache):
-    """``(rows, token, attention)`` of the decoding batch without its finished rows, and the KV
-    cache cut to match (``Cache.batch_select_indices``), once they are ``DROP_DONE_AT`` of it;
-    else as they are. A copy of the cache costs about one decoding step's cache update."""
+class CachedForward:
+    """One decoding step through the model's own forward against its KV cache (any
+    architecture; :func:`rlflow.decoding.written_step` is the faster one for those it knows)."""
+
+    def __init__(self, model, cache, cache_kw: str):
+        self.model, self.cache, self.cache_kw = model, cache, cache_kw
+
+    def __call__(self, token: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Float logits [A, V] after ``token`` [A] at ``positions`` [A] (``attention`` [A, L])."""
+        self.cache, logits = _forward_last(self.model, token.unsqueeze(1), attention, positions.unsqueeze(1),
+                                           **{self.cache_kw: self.cache})
+        return logits
+
+    def keep(self, index: torch.Tensor) -> None:
+        """The decoding batch becomes rows ``index`` of it, repeats allowed (``Cache.batch_select_indices``)."""
+        self.cache.batch_select_indices(index)
+
+
+def _drop_done(rows: torch.Tensor, done: torch.Tensor, token: torch.Tensor, attention: torch.Tensor, step_forward):
+    """``(rows, token, attention)`` of the decoding batch without its finished rows, and the
+    decoding step's KV cache cut to match (``step_forward.keep``), once they are
+    ``DROP_DONE_AT`` of it; else as they are. A copy of the cache costs about one decoding
+    step's cache update."""
     keep = ~done[rows]  # [A]
     if int(keep.sum()) > (1.0 - DROP_DONE_AT) * len(rows) or not bool(keep.any()):  # (synced: others still decode)
         return rows, token, attention
     index = keep.nonzero().squeeze(1)  # [A']
-    cache.batch_select_indices(index)
+    step_forward.keep(index)
     return rows[index], token[index], attention[index]
 
 
-def sampled_positions(prompt_mask: torch.Tensor, out: Sampled) -> tuple[int, int]:
+def sampled_positions(out: Sampled) -> tuple[int, int]:
     """``(computed, useful)`` positions of the :func:`sample` call that gave ``out``. Useful are
-    the real prompt tokens and every response token but each row's last (which is drawn,
-    never fed); the rest is left padding and finished rows not yet dropped."""
+    the real prompt tokens of each distinct prompt and every response token but each row's
+    last (which is drawn, never fed); the rest is left padding and finished rows not yet dropped."""
     r = (out.response_mask > 0).sum(1)
-    return out.computed, int((prompt_mask > 0).sum()) + int((r - 1).clamp(min=0).sum())
+    return out.computed, out.prompt_tokens + int((r - 1).clamp(min=0).sum())
 
 
 # ---------------------------------------------------------------------------------------
