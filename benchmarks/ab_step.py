@@ -14,7 +14,8 @@ stay in the decoding batch, see ``rlflow.forward.DROP_DONE_AT``; ``early_forward
 update's first forward waits for the update, see ``rlflow.overlap.EarlyForward``;
 ``written_step=false``: decoding through the model's own forward, see ``rlflow.decoding``;
 ``prefill_once=false``: the prefill runs on each of a prompt's samples, see
-``rlflow.forward.PREFILL_ONCE``). All variants
+``rlflow.forward.PREFILL_ONCE``; ``skip_allreduce=false``: DeepSpeed's gradient all-reduce kept
+in one process, see ``rlflow.models.place``). All variants
 live in one process and take their steps in turn (the order rotates every step), so a busy
 machine slows them alike; the figure is each variant's median step over the first's,
 and the median of the per-round ratios. Prints one JSON line.
@@ -37,7 +38,7 @@ from grpo_step import grpo_pipeline  # noqa: E402
 
 MODEL_KEYS = {"padding_free", "precision", "micro_batch_size"}
 PIPELINE_KEYS = {"rollout_ahead", "concurrent_nodes"}
-OFF_SWITCHES = {"fuse_activations", "drop_done", "early_forward", "written_step", "prefill_once"}  # engine optimisations a variant can turn off (benchmark only)
+OFF_SWITCHES = {"fuse_activations", "drop_done", "early_forward", "written_step", "prefill_once", "skip_allreduce"}  # engine optimisations a variant can turn off (benchmark only)
 
 
 def _value(text: str):
@@ -85,6 +86,8 @@ def make_run(model: str, model_kw: dict, pipe_kw: dict, steps: int):
         run.setup()
     finally:
         rlflow.models.fuse_activations = fuse
+    if "skip_allreduce" in off:
+        run.workers["actor"].engine.enable_backward_allreduce = True
     return run
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from rlflow import builtin
+from rlflow import builtin, dist
 from rlflow.provider import Train
 from rlflow.registry import UnknownName
 from rlflow.spec import Model
@@ -548,6 +548,10 @@ def place(name: str, spec: Model, *, train: Optional[Train] = None, on_build: Op
     warm = spec.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config(spec, _hidden(module)))
+    if _clips_itself(spec) and dist.world_size() == 1:
+        # one process: DeepSpeed's gradient all-reduce would flatten every gradient into one
+        # buffer, "reduce" it over the one rank, divide by 1 and copy it back: the same values
+        engine.enable_backward_allreduce = False
     if spec.lora is not None:
         _checkpoint_trained_only(engine)
     return Worker(name, spec, engine, engine.module, tokenizer, path, device)

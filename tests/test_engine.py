@@ -96,6 +96,21 @@ def test_seeded_runs_are_reproducible(tmp_path):
     assert la == lb
 
 
+def test_one_process_skips_deepspeeds_gradient_allreduce_and_trains_the_same(tmp_path):
+    # with one rank the all-reduce is a copy and a division by 1: skipped, the weights the same
+    a = run_of(grpo(seed=3, steps=2), tmp_path, "a")
+    assert a.workers["actor"].engine.enable_backward_allreduce is False
+    a.train(2)
+    b = run_of(grpo(seed=3, steps=2), tmp_path, "b")
+    b.workers["actor"].engine.enable_backward_allreduce = True
+    reduced = []
+    allreduce = b.workers["actor"].engine.allreduce_gradients
+    b.workers["actor"].engine.allreduce_gradients = lambda *x, **k: reduced.append(1) or allreduce(*x, **k)
+    b.train(2)
+    assert len(reduced) == 2 and not torch.equal(weights(b), weights(run_of(grpo(seed=3), tmp_path, "init")))
+    torch.testing.assert_close(weights(a), weights(b), rtol=0, atol=0)
+
+
 def test_run_outputs_and_final_model_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
