@@ -611,6 +611,8 @@ def ds_config(spec: Model, hidden: Optional[int] = None) -> dict[str, Any]:
     }
     if spec.train and not _clips_itself(spec):  # with a clip, DeepSpeed computes the norm and skips a non-finite one
         config["gradient_clipping"] = spec.grad_clip or NO_CLIP
+    elif spec.train:  # the worker clips (Worker.step); unset, DeepSpeed would clip again at its default, 1.0
+        config["gradient_clipping"] = 0.0
     return config
 
 

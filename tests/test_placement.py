@@ -65,6 +65,25 @@ def test_deepspeed_config_follows_the_model_settings():
     assert "offload_optimizer" not in frozen["zero_optimization"] and "gradient_clipping" not in frozen  # no optimizer
 
 
+@pytest.mark.parametrize("clip", [None, 5.0, 1.0])
+def test_the_optimizer_sees_the_gradient_clipped_as_asked_and_only_once(clip):
+    # plain fp32 under ZeRO-0: the worker clips; DeepSpeed, whose default clip is 1.0, must not again
+    from rlflow.models import place
+
+    worker = place("actor", Model(INIT, train=True, grad_clip=clip))
+    assert worker.engine.gradient_clipping() == 0.0
+    ids = torch.randint(3, 10, (2, 6))
+    worker.backward(worker.engine(input_ids=ids).logits.float().pow(2).sum() * 100, last=True)
+    raw = float(torch.cat([p.grad.flatten() for p in worker.module.parameters()]).norm())
+    seen = []
+    opt = worker.engine.optimizer
+    step = opt.step
+    opt.step = lambda *a, **k: seen.append(float(torch.cat([p.grad.flatten() for p in worker.module.parameters()]).norm())) or step(*a, **k)
+    norm, skipped = worker.step()
+    assert raw > 10 and not skipped and norm == pytest.approx(raw, rel=1e-3)
+    assert seen == [pytest.approx(min(raw, clip or raw), rel=1e-3)]
+
+
 @pytest.mark.slow  # builds DeepSpeed's CPU Adam on first use (about a minute and a half)
 @pytest.mark.parametrize("settings", [dict(zero_stage=2, offload=True),
                                       dict(zero_stage=3, offload=True, offload_params=True)], ids=["zero2-offload", "zero3-offload"])
