@@ -13,8 +13,8 @@ matrix once per :func:`sample` call (to the autocast dtype, when autocast is on)
 equal the model's forward bit for bit (tests/test_decoding.py), so samples do not change.
 
 Any other model, and one it cannot be sure of — a LoRA-wrapped or otherwise replaced layer,
-parameters partitioned by ZeRO-3, eager or flash attention, sliding windows, active dropout
-— keeps the model's own forward (``written_step`` returns None). ``WRITTEN_STEP = False``
+parameters partitioned by ZeRO-3, a hooked matmul layer, eager or flash attention, sliding
+windows, active dropout — keeps the model's own forward (``written_step`` returns None). ``WRITTEN_STEP = False``
 turns it off (``benchmarks/ab_step.py`` variant ``written_step=false``).
 """
 
@@ -143,6 +143,12 @@ class LlamaStep(_Step):
         return self.mm(self.model.lm_head, inner.norm(x))
 
 
+def _hooked(modules) -> bool:
+    """Whether any of ``modules`` has forward hooks (or accelerate's device hook): the written
+    step reads their weights directly, so it would skip them."""
+    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in modules)
+
+
 def _kind(model) -> Optional[type]:
     """The written step for ``model``, if it is one we can follow exactly; else None."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
@@ -165,7 +171,7 @@ def _kind(model) -> Optional[type]:
         mats = [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         norms = [m for b in blocks for m in (b.ln_1, b.ln_2)] + [model.transformer.ln_f]
         if all(type(m) is Conv1D for m in mats) and all(type(m) is torch.nn.LayerNorm for m in norms) \
-                and type(model.lm_head) is torch.nn.Linear:
+                and type(model.lm_head) is torch.nn.Linear and not _hooked(mats + [model.lm_head]):
             return GPT2Step
         return None
     family = {LlamaForCausalLM: (LlamaAttention, LlamaMLP, LlamaRMSNorm),
@@ -182,7 +188,8 @@ def _kind(model) -> Optional[type]:
     parts_known = all(type(layer.self_attn) is attention and type(layer.mlp) is mlp
                       and type(layer.input_layernorm) is norm and type(layer.post_attention_layernorm) is norm
                       for layer in layers)
-    if parts_known and type(model.model.norm) is norm and all(type(m) is torch.nn.Linear for m in mats):
+    if parts_known and type(model.model.norm) is norm and all(type(m) is torch.nn.Linear for m in mats) \
+            and not _hooked(mats):
         return LlamaStep
     return None
 

@@ -129,6 +129,9 @@ def test_models_it_cannot_follow_keep_their_own_forward():
     dropout.transformer.h[0].attn.resid_dropout.p = 0.1
     assert decoding._kind(dropout) is decoding.GPT2Step  # eval: dropout is off
     assert decoding._kind(dropout.train()) is None
+    hooked = tiny("llama")
+    hooked.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: o * 2)
+    assert decoding._kind(hooked) is None
     sliding = tiny("qwen2")
     sliding.config.layer_types = ["sliding_attention", "full_attention"]
     assert decoding._kind(sliding) is None
@@ -168,3 +171,13 @@ def test_the_prefill_runs_once_per_prompt_and_changes_no_sample(written, monkeyp
     assert once.prompt_tokens == int(mask.sum()) and every.prompt_tokens == n * int(mask.sum())
     computed, useful = fwd.sampled_positions(once)
     assert useful <= computed
+
+
+def test_a_placed_builtin_model_decodes_through_the_written_step():
+    # DeepSpeed's placement (trained and frozen) leaves the modules as they were: no hook, no wrapper
+    from rlflow import Model
+    from rlflow.models import place
+
+    spec = Model("builtin:tiny-arith-init", train=True)
+    assert decoding._kind(place("actor", spec).module) is decoding.LlamaStep
+    assert decoding._kind(place("ref", spec.frozen()).module) is decoding.LlamaStep
