@@ -277,6 +277,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     """
     _check_sampling(max_new_tokens, greedy, temperature, top_p, top_k)
     _check_left_padded(prompt_mask)
+    if prompt_mask.shape[0] == 0:
+        raise ValueError("sample: no prompts (prompt_ids and prompt_mask have 0 rows)")
     scale = 1.0 if greedy else float(temperature)
 
     batch, device = prompt_ids.shape[0], prompt_ids.device

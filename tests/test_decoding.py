@@ -181,3 +181,9 @@ def test_a_placed_builtin_model_decodes_through_the_written_step():
     spec = Model("builtin:tiny-arith-init", train=True)
     assert decoding._kind(place("actor", spec).module) is decoding.LlamaStep
     assert decoding._kind(place("ref", spec.frozen()).module) is decoding.LlamaStep
+
+
+def test_sampling_no_prompt_is_a_clear_error():
+    with pytest.raises(ValueError, match="no prompts"):
+        sample(tiny("llama"), torch.zeros(0, 4, dtype=torch.long), torch.ones(0, 4, dtype=torch.long), max_new_tokens=4,
+               greedy=True, eos_token_id=EOS, pad_token_id=PAD)
