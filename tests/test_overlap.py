@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import threading
+from typing import Callable
 
 import pytest
 import torch
@@ -351,23 +352,30 @@ def test_early_outputs_are_used_only_for_the_same_rows():
     assert EarlyForward(w, Runner(), micro(4), {"logprobs"}).take(Worker(), micro(4)) is None  # another model
 
 
-def test_the_threads_are_shared_out_while_the_early_forward_runs(tmp_path, monkeypatch):
+def before_forward_and_reference(monkeypatch, on_forward: Callable[[], None], on_reference: Callable[[], None]) -> None:
+    """Call ``on_forward`` before each update forward (the loss's outputs) and ``on_reference``
+    before each RefLogprob run."""
     from rlflow.nodes.loss import LossRunner
     from rlflow.nodes.ref_logprob import RefLogprobRunner
 
-    counts: dict[str, int] = {}
     outputs, ref_run = LossRunner.outputs, RefLogprobRunner.run
 
     def forward(self, *a, **kw):
-        counts["forward"] = torch.get_num_threads()
+        on_forward()
         return outputs(self, *a, **kw)
 
     def ref(self, *a, **kw):
-        counts["ref_logprob"] = torch.get_num_threads()
+        on_reference()
         return ref_run(self, *a, **kw)
 
     monkeypatch.setattr(LossRunner, "outputs", forward)
     monkeypatch.setattr(RefLogprobRunner, "run", ref)
+
+
+def test_the_threads_are_shared_out_while_the_early_forward_runs(tmp_path, monkeypatch):
+    counts: dict[str, int] = {}
+    before_forward_and_reference(monkeypatch, lambda: counts.update(forward=torch.get_num_threads()),
+                                 lambda: counts.update(ref_logprob=torch.get_num_threads()))
     p = grpo()
     run = Run(p, build(p), tmp_path / "r")
     run.setup()
@@ -406,21 +414,8 @@ def test_the_loss_node_time_counts_its_early_forward(tmp_path, monkeypatch):
     # MFU divides the model's FLOPs by its nodes' seconds: a forward that ran early still counts
     import time
 
-    from rlflow.nodes.loss import LossRunner
-    from rlflow.nodes.ref_logprob import RefLogprobRunner
-
-    outputs, ref_run = LossRunner.outputs, RefLogprobRunner.run
-
-    def slow_forward(self, *a, **kw):
-        time.sleep(0.3)
-        return outputs(self, *a, **kw)
-
-    def slow_ref(self, *a, **kw):  # the early forward is done before the update starts
-        time.sleep(0.6)
-        return ref_run(self, *a, **kw)
-
-    monkeypatch.setattr(LossRunner, "outputs", slow_forward)
-    monkeypatch.setattr(RefLogprobRunner, "run", slow_ref)
+    # the reference slower than the forward: the early forward is done before the update starts
+    before_forward_and_reference(monkeypatch, lambda: time.sleep(0.3), lambda: time.sleep(0.6))
     p = grpo()
     run = Run(p, build(p), tmp_path / "r")
     run.setup()
