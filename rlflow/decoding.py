@@ -198,14 +198,7 @@ def written_step(model, cache, extra: int) -> Optional[_Step]:
     """The written decoding step of ``model`` from the prefill's ``cache`` (transformers'
     ``Cache``), with room for ``extra`` more positions; None where the model's own forward
     must run (see the module docstring)."""
-    if not WRITTEN_STEP or not hasattr(cache, "layers"):
+    if not WRITTEN_STEP or not hasattr(cache, "layers"):  # (transformers 4's tuple caches: the model's forward)
         return None
     kind = _kind(model)
-    if kind is None or len(cache.layers) != _layer_count(model):
-        return None
-    return kind(model, cache, extra)
-
-
-def _layer_count(model) -> int:
-    inner = getattr(model, "transformer", None) or model.model
-    return len(getattr(inner, "h", None) or inner.layers)
+    return None if kind is None else kind(model, cache, extra)
