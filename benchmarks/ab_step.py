@@ -39,6 +39,20 @@ from grpo_step import grpo_pipeline  # noqa: E402
 MODEL_KEYS = {"padding_free", "precision", "micro_batch_size"}
 PIPELINE_KEYS = {"rollout_ahead", "concurrent_nodes"}
 OFF_SWITCHES = {"fuse_activations", "drop_done", "early_forward", "written_step", "prefill_once", "skip_allreduce"}  # engine optimisations a variant can turn off (benchmark only)
+PER_STEP = {"drop_done", "written_step", "prefill_once"}  # module switches of generation, set before each step
+_DEFAULTS: dict = {}  # the switches' values as rlflow ships them, read before the first change
+
+
+def generation_switches(*, drop_done_at: float | None = None, written_step: bool = True, prefill_once: bool = True) -> None:
+    """Set generation's module switches for the samples that follow: ``rlflow.forward.DROP_DONE_AT``
+    (None: its default), ``rlflow.decoding.WRITTEN_STEP``, ``rlflow.forward.PREFILL_ONCE``."""
+    import rlflow.decoding
+    import rlflow.forward
+
+    default = _DEFAULTS.setdefault("drop_done_at", rlflow.forward.DROP_DONE_AT)
+    rlflow.forward.DROP_DONE_AT = default if drop_done_at is None else drop_done_at
+    rlflow.decoding.WRITTEN_STEP = written_step
+    rlflow.forward.PREFILL_ONCE = prefill_once
 
 
 def _value(text: str):
@@ -72,7 +86,7 @@ def make_run(model: str, model_kw: dict, pipe_kw: dict, steps: int):
 
     import rlflow.models
 
-    pipe_kw = {k: v for k, v in pipe_kw.items() if k not in ("drop_done", "written_step", "prefill_once")}  # (switched at each step)
+    pipe_kw = {k: v for k, v in pipe_kw.items() if k not in PER_STEP}
     off = {k for k in OFF_SWITCHES if pipe_kw.pop(k, True) is False}
     fuse = rlflow.models.fuse_activations
     if "fuse_activations" in off:
@@ -110,16 +124,12 @@ def main() -> None:
     runs = [make_run(args.model, m, p, args.warmup + args.steps) for _, m, p in variants]
     times: list[list[float]] = [[] for _ in runs]
     nodes: list[dict[str, list[float]]] = [{} for _ in runs]
-    import rlflow.decoding
-    import rlflow.forward
-
-    drop_done_at = rlflow.forward.DROP_DONE_AT
     for i in range(args.warmup + args.steps):
         for j in [(i + k) % len(runs) for k in range(len(runs))]:  # rotate who goes first
             run = runs[j]
-            rlflow.forward.DROP_DONE_AT = 2.0 if variants[j][2].get("drop_done") is False else drop_done_at
-            rlflow.decoding.WRITTEN_STEP = variants[j][2].get("written_step") is not False
-            rlflow.forward.PREFILL_ONCE = variants[j][2].get("prefill_once") is not False
+            switched = {k: variants[j][2].get(k) is not False for k in PER_STEP}
+            generation_switches(drop_done_at=None if switched["drop_done"] else 2.0,  # 2.0: never drop
+                                written_step=switched["written_step"], prefill_once=switched["prefill_once"])
             t0 = time.perf_counter()
             record, _ = run._step(i + 1)
             if i >= args.warmup:

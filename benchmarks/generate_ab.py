@@ -45,8 +45,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import rlflow.decoding
     import rlflow.forward as fw
+    from ab_step import generation_switches
     from rlflow.arith import problems
     from rlflow.cli import _quiet_libraries
     from rlflow.models import disable_dropout, fuse_activations, load_tokenizer
@@ -59,12 +59,9 @@ def main() -> None:
     fuse_activations(model)
     rows = problems("train", seed=0)
     variants = [parse_variant(v) for v in args.variant]
-    default_drop = fw.DROP_DONE_AT
 
     def run(i: int, settings: dict) -> float:
-        rlflow.decoding.WRITTEN_STEP = settings.get("written_step", True)
-        fw.PREFILL_ONCE = settings.get("prefill_once", True)
-        fw.DROP_DONE_AT = settings.get("drop_done_at", default_drop)
+        generation_switches(**settings)
         batch = rows[(i * PROMPTS) % len(rows):][:PROMPTS]
         ids, mask = fw.encode_prompts(tok, [r["prompt"] for r in batch for _ in range(SAMPLES)])
         group = torch.arange(len(batch)).repeat_interleave(SAMPLES)
